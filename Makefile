@@ -1,0 +1,68 @@
+# The two commands a newcomer needs: `make run` and `make test`. Everything else is a step of theirs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEV_DIR ?= dev
+GEN := gen/faceseal/v1
+PROTOS := $(wildcard protos/faceseal/v1/*.proto)
+TOOLS := .tools
+BUF := $(TOOLS)/node_modules/.bin/buf
+
+.PHONY: run test venv gen lint typecheck buf-lint pytest clean dev-pki
+
+run: venv gen $(DEV_DIR)/faceseal.toml
+	$(BIN)/faceseald serve --config $(DEV_DIR)/faceseal.toml
+
+test: venv gen lint typecheck buf-lint pytest
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	mkdir -p $(GEN)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# Generated protobuf code comes from protos/ only; it is not committed.
+gen: $(GEN)/.generated
+
+$(GEN)/.generated: $(PROTOS) $(VENV)/.installed
+	rm -rf gen && mkdir -p $(GEN)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos \
+	  --python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
+	touch $(GEN)/__init__.py $(GEN)/py.typed
+	touch $@
+
+$(DEV_DIR)/faceseal.toml: | venv gen
+	$(BIN)/faceseald init --dev $(DEV_DIR)
+
+dev-pki: $(DEV_DIR)/faceseal.toml
+
+lint: venv
+	$(BIN)/ruff check server client tests bench
+	$(BIN)/ruff format --check server client tests bench
+
+# mypy cannot follow setuptools' editable-install finder, so it reads a symlinked view of the
+# namespace package instead: build/typecheck/faceseal/{server,client,v1}.
+typecheck: venv gen
+	rm -rf build/typecheck && mkdir -p build/typecheck/faceseal
+	ln -s ../../../server build/typecheck/faceseal/server
+	ln -s ../../../client build/typecheck/faceseal/client
+	ln -s ../../../$(GEN) build/typecheck/faceseal/v1
+	cd build/typecheck && ../../$(BIN)/mypy --namespace-packages --explicit-package-bases \
+	  --config-file ../../pyproject.toml -p faceseal.server -p faceseal.client
+
+$(BUF):
+	mkdir -p $(TOOLS)
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@1
+
+buf-lint: $(BUF)
+	cd protos && ../$(BUF) lint
+
+pytest: venv gen
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf gen build $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,194 @@
+"""A small synchronous client for faceseald, over mutual TLS only.
+
+There is deliberately no insecure constructor: the daemon has no plaintext port, and a client
+that offered one would only teach people to look for it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self, TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from faceseal.client._encodings import EncodingLike, as_floats
+from faceseal.client._errors import from_rpc_error
+from faceseal.v1 import faceseal_pb2, faceseal_pb2_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT = 10.0
+
+_PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollResult:
+    subject_id: str
+    template_id: str
+    template_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class MatchResult:
+    match: bool
+    distance: float | None  # None unless the daemon's policy discloses distances to this caller
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    subject_id: str
+    distance: float | None
+
+
+class FaceSealClient:
+    """One channel to one daemon; cheap calls, so keep an instance for the life of the process.
+
+    Every method raises a :class:`~faceseal.client.FaceSealClientError` subclass on failure.
+    A non-match is an answer (``MatchResult.match is False``), not an error.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        ca_cert: bytes,
+        client_cert: bytes,
+        client_key: bytes,
+        timeout: float = DEFAULT_TIMEOUT,
+        server_name: str | None = None,
+    ) -> None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca_cert, private_key=client_key, certificate_chain=client_cert
+        )
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._stub = faceseal_pb2_grpc.FaceSealServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._timeout = timeout
+
+    @classmethod
+    def from_files(
+        cls,
+        target: str,
+        *,
+        ca: Path | str,
+        cert: Path | str,
+        key: Path | str,
+        timeout: float = DEFAULT_TIMEOUT,
+        server_name: str | None = None,
+    ) -> Self:
+        """Read the PEM files now, so a wrong path fails here rather than at the first call."""
+        return cls(
+            target,
+            ca_cert=Path(ca).read_bytes(),
+            client_cert=Path(cert).read_bytes(),
+            client_key=Path(key).read_bytes(),
+            timeout=timeout,
+            server_name=server_name,
+        )
+
+    @classmethod
+    def from_profile(
+        cls,
+        profile: str,
+        *,
+        dev_dir: Path | str = "dev",
+        target: str = DEFAULT_TARGET,
+        timeout: float = DEFAULT_TIMEOUT,
+        server_name: str | None = None,
+    ) -> Self:
+        """Use a client certificate from the development PKI that ``faceseald init --dev`` writes."""
+        if not _PROFILE_NAME.fullmatch(profile):
+            raise ValueError(f"invalid profile name {profile!r}: use letters, digits, '.', '_' or '-'")
+        dev_dir = Path(dev_dir)
+        ca, cert, key = (
+            dev_dir / "ca.crt",
+            dev_dir / "clients" / f"{profile}.crt",
+            dev_dir / "clients" / f"{profile}.key",
+        )
+        for path in (ca, cert, key):
+            if not path.is_file():
+                known = sorted(p.stem for p in (dev_dir / "clients").glob("*.crt"))
+                hint = f"known profiles: {', '.join(known)}" if known else "run `make dev-pki` first"
+                raise FileNotFoundError(f"profile {profile!r}: {path} does not exist ({hint})")
+        return cls.from_files(target, ca=ca, cert=cert, key=key, timeout=timeout, server_name=server_name)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def enroll(
+        self,
+        subject_id: str,
+        encoding: EncodingLike,
+        *,
+        gallery: str = "",
+        replace: bool = False,
+        timeout: float | None = None,
+    ) -> EnrollResult:
+        """Add a template; with ``replace`` the subject's old templates go in the same transaction."""
+        request = faceseal_pb2.EnrollRequest(
+            gallery=gallery, subject_id=subject_id, encoding=as_floats(encoding), replace=replace
+        )
+        response = self._call(self._stub.Enroll, request, timeout)
+        return EnrollResult(response.subject_id, response.template_id, response.template_count)
+
+    def match(
+        self, subject_id: str, probe: EncodingLike, *, gallery: str = "", timeout: float | None = None
+    ) -> MatchResult:
+        request = faceseal_pb2.MatchRequest(gallery=gallery, subject_id=subject_id, probe=as_floats(probe))
+        response = self._call(self._stub.Match, request, timeout)
+        return MatchResult(response.match, _f32(response.distance) if response.HasField("distance") else None)
+
+    def identify(
+        self, probe: EncodingLike, *, top_k: int = 5, gallery: str = "", timeout: float | None = None
+    ) -> list[Candidate]:
+        """Closest first; only subjects within the gallery's threshold, so an empty list is an answer."""
+        request = faceseal_pb2.IdentifyRequest(gallery=gallery, probe=as_floats(probe), top_k=top_k)
+        response = self._call(self._stub.Identify, request, timeout)
+        return [
+            Candidate(c.subject_id, _f32(c.distance) if c.HasField("distance") else None)
+            for c in response.candidates
+        ]
+
+    def delete(self, subject_id: str, *, gallery: str = "", timeout: float | None = None) -> int:
+        """Return how many templates were removed."""
+        request = faceseal_pb2.DeleteRequest(gallery=gallery, subject_id=subject_id)
+        return self._call(self._stub.Delete, request, timeout).deleted
+
+    def health(self, *, timeout: float | None = None) -> str:
+        """The standard grpc.health.v1 status of the whole server: NOT_SERVING while it is sealed."""
+        request = health_pb2.HealthCheckRequest(service="")
+        response = self._call(self._health.Check, request, timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def _call(
+        self, method: grpc.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req, timeout: float | None
+    ) -> _Resp:
+        try:
+            return method(request, timeout=self._timeout if timeout is None else timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+
+def _f32(value: float) -> float:
+    """Distances travel as float32; show 0.412, not the float64 widening 0.41200000047683716."""
+    return float(str(np.float32(value)))

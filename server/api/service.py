@@ -1,0 +1,67 @@
+"""FaceSealService: proto <-> core translation and nothing else."""
+
+from __future__ import annotations
+
+import grpc
+
+from faceseal.server.api.errors import abort
+from faceseal.server.auth.interceptor import current
+from faceseal.server.auth.policy import Permission
+from faceseal.server.core import Core
+from faceseal.v1 import faceseal_pb2 as pb
+from faceseal.v1 import faceseal_pb2_grpc as pb_grpc
+
+_SERVICE = "/faceseal.v1.FaceSealService/"
+
+# The permission each method needs; the interceptor refuses a caller without it.
+PERMISSIONS = {
+    _SERVICE + "Enroll": Permission.ENROLL,
+    _SERVICE + "Match": Permission.MATCH,
+    _SERVICE + "Identify": Permission.IDENTIFY,
+    _SERVICE + "Delete": Permission.DELETE,
+}
+
+
+class FaceSealServicer(pb_grpc.FaceSealServiceServicer):
+    def __init__(self, core: Core) -> None:
+        self._core = core
+
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
+        try:
+            out = self._core.enroll(
+                current().caller, request.gallery, request.subject_id, request.encoding, request.replace
+            )
+        except Exception as exc:
+            abort(context, exc)
+        return pb.EnrollResponse(
+            subject_id=out.subject_id, template_id=out.template_id, template_count=out.template_count
+        )
+
+    def Match(self, request: pb.MatchRequest, context: grpc.ServicerContext) -> pb.MatchResponse:
+        try:
+            out = self._core.match(current().caller, request.gallery, request.subject_id, request.probe)
+        except Exception as exc:
+            abort(context, exc)
+        response = pb.MatchResponse(match=out.match)
+        if out.distance is not None:
+            response.distance = out.distance
+        return response
+
+    def Identify(self, request: pb.IdentifyRequest, context: grpc.ServicerContext) -> pb.IdentifyResponse:
+        try:
+            hits = self._core.identify(current().caller, request.gallery, request.probe, request.top_k)
+        except Exception as exc:
+            abort(context, exc)
+        response = pb.IdentifyResponse()
+        for hit in hits:
+            candidate = response.candidates.add(subject_id=hit.subject_id)
+            if hit.distance is not None:
+                candidate.distance = hit.distance
+        return response
+
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
+        try:
+            deleted = self._core.delete(current().caller, request.gallery, request.subject_id)
+        except Exception as exc:
+            abort(context, exc)
+        return pb.DeleteResponse(deleted=deleted)

@@ -1,0 +1,1 @@
+"""Authentication (certificate -> Caller) and authorization (policy)."""

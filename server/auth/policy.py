@@ -1,0 +1,153 @@
+"""Who may do what: the policy file, parsed and evaluated. Pure: no I/O beyond reading the file.
+
+Deny by default. A caller rule matches an identity exactly, or by prefix when its identity ends
+in ``*``; an exact rule wins over any prefix, and a longer prefix over a shorter one, so a broad
+``spiffe://corp/gateways/*`` grant can be narrowed for one named gateway.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from faceseal.server.errors import ConfigError, PermissionDenied
+
+Disclosure = Literal["decision", "distance"]
+
+
+class Permission(StrEnum):
+    ENROLL = "enroll"
+    MATCH = "match"
+    IDENTIFY = "identify"
+    DELETE = "delete"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One ``[[callers]]`` entry."""
+
+    identity: str
+    permissions: frozenset[Permission]
+    galleries: frozenset[str]
+    disclosure: Disclosure
+
+    def matches(self, identity: str) -> bool:
+        if self.identity.endswith("*"):
+            return identity.startswith(self.identity[:-1])
+        return identity == self.identity
+
+    def specificity(self) -> tuple[int, int]:
+        return (0, len(self.identity)) if self.identity.endswith("*") else (1, len(self.identity))
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated peer and the rule that grants it rights."""
+
+    identity: str
+    rule: Rule
+
+    @property
+    def disclosure(self) -> Disclosure:
+        return self.rule.disclosure
+
+    def may(self, permission: Permission) -> bool:
+        """Whether the caller holds ``permission`` on at least one gallery."""
+        return permission in self.rule.permissions
+
+    def authorize(self, permission: Permission, gallery: str) -> None:
+        """Raise PermissionDenied unless the caller holds ``permission`` on ``gallery``."""
+        if permission not in self.rule.permissions:
+            raise PermissionDenied(f"this caller lacks the '{permission}' permission")
+        if "*" not in self.rule.galleries and gallery not in self.rule.galleries:
+            raise PermissionDenied(f"this caller may not use this gallery for '{permission}'")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    rules: tuple[Rule, ...]
+
+    def resolve(self, identity: str) -> Caller | None:
+        """The most specific rule for ``identity``, or None (the caller is unknown)."""
+        matching = [r for r in self.rules if r.matches(identity)]
+        if not matching:
+            return None
+        return Caller(identity, max(matching, key=Rule.specificity))
+
+
+_RULE_KEYS = {"identity", "permissions", "galleries", "disclosure"}
+
+
+def parse_policy(text: str, source: str) -> Policy:
+    """Parse policy TOML; raise ConfigError naming ``source`` and the entry on any problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    unknown = set(raw) - {"callers"}
+    if unknown:
+        raise ConfigError(f"{source}: key '{sorted(unknown)[0]}' is not a known setting")
+    entries = raw.get("callers", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: key 'callers' must be an array of tables ([[callers]])")
+    rules: list[Rule] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        where = f"{source}: callers[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a table")
+        extra = set(entry) - _RULE_KEYS
+        if extra:
+            raise ConfigError(f"{where}: key '{sorted(extra)[0]}' is not a known setting")
+        identity = _string(entry, "identity", where)
+        if not identity or identity == "*":
+            raise ConfigError(f"{where}: key 'identity' must name a caller or a prefix ending in '*'")
+        if "*" in identity[:-1]:
+            raise ConfigError(f"{where}: key 'identity' may hold '*' only at its end")
+        if identity in seen:
+            raise ConfigError(f"{where}: identity is listed twice")
+        seen.add(identity)
+        perms = _strings(entry, "permissions", where)
+        try:
+            permissions = frozenset(Permission(p) for p in perms)
+        except ValueError:
+            raise ConfigError(
+                f"{where}: key 'permissions' may hold only {', '.join(p.value for p in Permission)}"
+            ) from None
+        galleries = frozenset(_strings(entry, "galleries", where))
+        if not galleries:
+            raise ConfigError(f"{where}: key 'galleries' must list at least one gallery, or \"*\"")
+        disclosure = entry.get("disclosure", "decision")
+        if disclosure not in ("decision", "distance"):
+            raise ConfigError(f"{where}: key 'disclosure' must be 'decision' or 'distance'")
+        rules.append(Rule(identity, permissions, galleries, disclosure))
+    return Policy(tuple(rules))
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the policy file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the policy file is not UTF-8") from None
+    return parse_policy(text, str(path))
+
+
+def _string(entry: dict[str, Any], key: str, where: str) -> str:
+    value = entry.get(key)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: key '{key}' must be a string")
+    return value
+
+
+def _strings(entry: dict[str, Any], key: str, where: str) -> Iterable[str]:
+    value = entry.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: key '{key}' must be a list of strings")
+    return value

@@ -1,0 +1,203 @@
+"""The daemon's configuration: one TOML file, validated completely before anything starts.
+
+Every error names the file and the dotted key, and unknown keys are errors too: a typo such as
+``thresold`` must stop the daemon, not silently fall back to a default. Relative paths are
+relative to the config file's folder, so a config directory can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from faceseal.server.errors import ConfigError
+
+Metric = Literal["euclidean", "cosine"]
+GALLERY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+MAX_DIMENSION = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class GalleryConfig:
+    """One gallery's model: every template in it has this dimension and is compared this way."""
+
+    name: str
+    dimension: int
+    metric: Metric
+    threshold: float
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: str
+    tls_cert: Path
+    tls_key: Path
+    client_ca: Path
+    policy: Path
+    grace_seconds: float
+    max_message_bytes: int
+    max_workers: int
+    max_top_k: int
+
+
+@dataclass(frozen=True, slots=True)
+class SealConfig:
+    type: Literal["file"]
+    key_file: Path
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str
+
+    def sqlite_path(self, base: Path) -> Path:
+        """``sqlite:rel/path`` is relative to ``base``; ``sqlite:///abs/path`` is absolute."""
+        rest = self.url.removeprefix("sqlite:")
+        if rest.startswith("//"):
+            rest = rest[2:]
+        path = Path(rest)
+        return path if path.is_absolute() else base / path
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    mode: Literal["dev", "production"]
+    default_gallery: str
+    server: ServerConfig
+    store: StoreConfig
+    seal: SealConfig
+    galleries: dict[str, GalleryConfig]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+class _Table:
+    """A view of one TOML table that knows its dotted name and which keys were read."""
+
+    def __init__(self, file: Path, name: str, data: dict[str, Any]) -> None:
+        self.file, self.name, self.data = file, name, data
+        self.seen: set[str] = set()
+
+    def fail(self, key: str, why: str) -> ConfigError:
+        dotted = f"{self.name}.{key}" if self.name else key
+        return ConfigError(f"{self.file}: key '{dotted}': {why}")
+
+    def get(self, key: str, kind: type, default: Any = ...) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            if default is ...:
+                raise self.fail(key, "is required")
+            return default
+        value = self.data[key]
+        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise self.fail(key, f"must be a {kind.__name__}")
+        return value
+
+    def table(self, key: str, *, required: bool = True) -> _Table:
+        value = self.get(key, dict, ... if required else {})
+        return _Table(self.file, f"{self.name}.{key}" if self.name else key, value)
+
+    def path(self, key: str, base: Path, default: str | None = None) -> Path:
+        raw = self.get(key, str, ... if default is None else default)
+        if not raw:
+            raise self.fail(key, "must not be empty")
+        p = Path(raw)
+        return p if p.is_absolute() else base / p
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise self.fail(unknown[0], "is not a known setting")
+
+
+def _bounded(t: _Table, key: str, kind: type, default: Any, lo: float, hi: float) -> Any:
+    value = t.get(key, kind, default)
+    if not (lo <= value <= hi) or (isinstance(value, float) and not math.isfinite(value)):
+        raise t.fail(key, f"must be between {lo:g} and {hi:g}")
+    return value
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate ``path``; raise ConfigError naming the file and key on any problem."""
+    path = path.resolve()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    base = path.parent
+    top = _Table(path, "", raw)
+
+    mode = top.get("mode", str, "production")
+    if mode not in ("dev", "production"):
+        raise top.fail("mode", "must be 'dev' or 'production'")
+
+    s = top.table("server")
+    server = ServerConfig(
+        listen=s.get("listen", str, "127.0.0.1:50051"),
+        tls_cert=s.path("tls_cert", base),
+        tls_key=s.path("tls_key", base),
+        client_ca=s.path("client_ca", base),
+        policy=s.path("policy", base),
+        grace_seconds=_bounded(s, "grace_seconds", float, 10.0, 0, 3600),
+        max_message_bytes=_bounded(s, "max_message_bytes", int, 1 << 20, 1024, 64 << 20),
+        max_workers=_bounded(s, "max_workers", int, 16, 1, 1024),
+        max_top_k=_bounded(s, "max_top_k", int, 100, 1, 10_000),
+    )
+    if not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}", server.listen):
+        raise s.fail("listen", "must be HOST:PORT (e.g. 127.0.0.1:50051 or [::1]:50051)")
+    s.done()
+
+    st = top.table("store", required=False)
+    store = StoreConfig(url=st.get("url", str, "sqlite:faceseal.db"))
+    if not store.url.startswith("sqlite:") or store.url in ("sqlite:", "sqlite:///"):
+        raise st.fail("url", "must be sqlite:PATH (relative to the config file) or sqlite:///ABSOLUTE/PATH")
+    st.done()
+
+    se = top.table("seal")
+    seal_type = se.get("type", str)
+    if seal_type != "file":
+        raise se.fail("type", "must be 'file'")
+    if mode != "dev":
+        raise se.fail(
+            "type",
+            'the file seal keeps the key-encryption key beside the data and is refused unless mode = "dev"',
+        )
+    seal = SealConfig(type="file", key_file=se.path("key_file", base))
+    se.done()
+
+    g = top.table("galleries")
+    galleries: dict[str, GalleryConfig] = {}
+    for name in list(g.data):
+        if not GALLERY_NAME.fullmatch(name):
+            raise g.fail(name, "a gallery name is 1-64 characters of [A-Za-z0-9._-]")
+        gt = g.table(name)
+        metric = gt.get("metric", str)
+        if metric not in ("euclidean", "cosine"):
+            raise gt.fail("metric", "must be 'euclidean' or 'cosine'")
+        galleries[name] = GalleryConfig(
+            name=name,
+            dimension=_bounded(gt, "dimension", int, ..., 1, MAX_DIMENSION),
+            metric=metric,
+            threshold=_bounded(gt, "threshold", float, ..., 1e-9, 4.0),
+        )
+        gt.done()
+    if not galleries:
+        raise g.fail("", "at least one gallery is required")
+
+    default = top.get("default_gallery", str, next(iter(galleries)) if len(galleries) == 1 else ...)
+    if default not in galleries:
+        raise top.fail("default_gallery", "must name a gallery defined under [galleries]")
+    top.done()
+    return Config(path, mode, default, server, store, seal, galleries)

@@ -1,0 +1,197 @@
+"""The daemon's domain: the sealed -> unsealed lifecycle and the four operations.
+
+The core owns the pieces below the edge (store, seal, barrier, galleries) and applies the
+per-gallery policy: servicers hand it an authenticated Caller and plain values, and it answers
+with outcomes or raises errors from ``faceseal.server.errors``. Writes go to the store first and
+reach the in-memory gallery only after the store committed; one write lock keeps the two in the
+same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from faceseal.server import validation
+from faceseal.server.auth.policy import Caller, Permission
+from faceseal.server.config import Config, GalleryConfig
+from faceseal.server.crypto import vault
+from faceseal.server.crypto.barrier import Barrier, SealedTemplate
+from faceseal.server.errors import IntegrityError, NotFound, Sealed
+from faceseal.server.gallery.memory import Gallery
+from faceseal.server.seal.base import Seal, SealError
+from faceseal.server.store.base import Store, TemplateRow
+
+log = logging.getLogger("faceseal.core")
+
+DISTANCE_DECIMALS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollOutcome:
+    subject_id: str
+    template_id: str
+    template_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class MatchOutcome:
+    match: bool
+    distance: float | None  # None unless the caller's disclosure is "distance"
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    subject_id: str
+    distance: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Unsealed:
+    barrier: Barrier
+    galleries: dict[str, Gallery]
+
+
+class Core:
+    """Sealed until ``unseal`` succeeds; every operation raises Sealed before that."""
+
+    def __init__(self, config: Config, store: Store, seal: Seal) -> None:
+        self._config = config
+        self._store = store
+        self._seal = seal
+        self._state: _Unsealed | None = None
+        self._write_lock = threading.Lock()
+        self._listeners: list[Callable[[bool], None]] = []
+        self.integrity_failures = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def sealed(self) -> bool:
+        return self._state is None
+
+    def on_seal_change(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(sealed)`` now and whenever the state changes (health, metrics)."""
+        self._listeners.append(listener)
+        listener(self.sealed)
+
+    def unseal(self) -> None:
+        """Unwrap the keyring and open every template. Raises SealError if the seal cannot."""
+        if self._state is not None:
+            return
+        barrier = Barrier(vault.load_or_create(self._store, self._seal))
+        galleries = {name: self._open_gallery(barrier, g) for name, g in self._config.galleries.items()}
+        self._state = _Unsealed(barrier, galleries)
+        log.info(
+            "unsealed", extra={"seal": self._seal.describe(), "key_versions": len(barrier.keyring.versions())}
+        )
+        for listener in self._listeners:
+            listener(False)
+
+    def unseal_until(self, stop: threading.Event, max_backoff: float = 30.0) -> None:
+        """Retry ``unseal`` with exponential backoff until it works or ``stop`` is set."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                self.unseal()
+                return
+            except SealError as exc:
+                log.warning("still sealed; retrying", extra={"reason": str(exc), "retry_in_seconds": delay})
+            stop.wait(delay)
+            delay = min(max_backoff, delay * 2)
+
+    def _open_gallery(self, barrier: Barrier, config: GalleryConfig) -> Gallery:
+        gallery = Gallery(config)
+        for row in self._store.iter_templates(config.name):
+            sealed = SealedTemplate(row.key_version, row.subject_blob, row.template_blob)
+            try:
+                subject_id, encoding = barrier.open(
+                    config.name, row.subject_ref, row.template_id, sealed, config.dimension
+                )
+            except IntegrityError:
+                self._alarm(config.name)
+                gallery.poison(row.subject_ref)
+                continue
+            gallery.add(subject_id, row.template_id, encoding)
+        return gallery
+
+    def _alarm(self, gallery: str) -> None:
+        self.integrity_failures += 1
+        log.error("integrity failure: a stored template did not open", extra={"gallery": gallery})
+
+    def _unsealed(self) -> _Unsealed:
+        state = self._state
+        if state is None:
+            raise Sealed("the daemon is sealed: its keys are not available yet; retry later")
+        return state
+
+    def _gallery(self, caller: Caller, permission: Permission, name: str) -> tuple[_Unsealed, Gallery]:
+        name = validation.gallery_name(name) if name else self._config.default_gallery
+        caller.authorize(permission, name)
+        state = self._unsealed()
+        gallery = state.galleries.get(name)
+        if gallery is None:
+            raise NotFound("no such gallery")
+        return state, gallery
+
+    # -- operations -------------------------------------------------------------------------
+
+    def enroll(
+        self, caller: Caller, gallery_name: str, subject_id: str, encoding: Sequence[float], replace: bool
+    ) -> EnrollOutcome:
+        state, gallery = self._gallery(caller, Permission.ENROLL, gallery_name)
+        subject_id = validation.subject_id(subject_id)
+        vector = validation.vector(encoding, gallery.config.dimension, "encoding")
+        name = gallery.config.name
+        template_id = secrets.token_hex(16)
+        sealed = state.barrier.seal(name, subject_id, template_id, vector)
+        ref = state.barrier.subject_ref(name, subject_id)
+        row = TemplateRow(
+            name, ref, template_id, sealed.key_version, sealed.subject_blob, sealed.template_blob
+        )
+        with self._write_lock:
+            count = self._store.put_template(row, replace_subject=replace)
+            gallery.add(subject_id, template_id, vector, replace=replace)
+            if replace:
+                gallery.clear_poison(ref)
+        return EnrollOutcome(subject_id, template_id, count)
+
+    def match(
+        self, caller: Caller, gallery_name: str, subject_id: str, probe: Sequence[float]
+    ) -> MatchOutcome:
+        state, gallery = self._gallery(caller, Permission.MATCH, gallery_name)
+        subject_id = validation.subject_id(subject_id)
+        vector = validation.vector(probe, gallery.config.dimension, "probe")
+        ref = state.barrier.subject_ref(gallery.config.name, subject_id)
+        try:
+            best = gallery.match(subject_id, ref, vector)
+        except IntegrityError:
+            self._alarm(gallery.config.name)
+            raise
+        return MatchOutcome(best <= gallery.config.threshold, _disclose(caller, best))
+
+    def identify(
+        self, caller: Caller, gallery_name: str, probe: Sequence[float], top_k: int
+    ) -> list[Candidate]:
+        _, gallery = self._gallery(caller, Permission.IDENTIFY, gallery_name)
+        vector = validation.vector(probe, gallery.config.dimension, "probe")
+        k = validation.top_k(top_k, self._config.server.max_top_k)
+        return [Candidate(h.subject_id, _disclose(caller, h.distance)) for h in gallery.identify(vector, k)]
+
+    def delete(self, caller: Caller, gallery_name: str, subject_id: str) -> int:
+        state, gallery = self._gallery(caller, Permission.DELETE, gallery_name)
+        subject_id = validation.subject_id(subject_id)
+        ref = state.barrier.subject_ref(gallery.config.name, subject_id)
+        with self._write_lock:
+            deleted = self._store.delete_subject(gallery.config.name, ref)
+            gallery.remove(subject_id, ref)
+        if deleted == 0:
+            raise NotFound("no such subject in this gallery")
+        return deleted
+
+
+def _disclose(caller: Caller, value: float) -> float | None:
+    return round(value, DISTANCE_DECIMALS) if caller.disclosure == "distance" else None

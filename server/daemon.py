@@ -1,0 +1,174 @@
+"""Assembling the daemon: store, seal, core, policy, gRPC server with mutual TLS; signals.
+
+``Daemon(config)`` builds everything and binds the port (port 0 picks a free one, for tests);
+``serve(path)`` is the ``faceseald serve`` entry point. There is no plaintext port: the only
+listener is created with client-certificate authentication required.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from faceseal.server import logs
+from faceseal.server.api.service import PERMISSIONS, FaceSealServicer
+from faceseal.server.auth.interceptor import AuthInterceptor, PolicyHolder
+from faceseal.server.auth.policy import load_policy
+from faceseal.server.config import Config, load_config
+from faceseal.server.core import Core
+from faceseal.server.errors import ConfigError
+from faceseal.server.seal.base import Seal, SealError
+from faceseal.server.seal.file import FileSeal
+from faceseal.server.store.base import Store, StoreError
+from faceseal.server.store.sqlite import SQLiteStore
+from faceseal.v1 import faceseal_pb2, faceseal_pb2_grpc
+
+log = logging.getLogger("faceseal.daemon")
+
+SERVICE_NAME = faceseal_pb2.DESCRIPTOR.services_by_name["FaceSealService"].full_name
+
+
+def open_store(config: Config) -> Store:
+    return SQLiteStore(config.store.sqlite_path(config.base_dir))
+
+
+def open_seal(config: Config) -> Seal:
+    try:
+        return FileSeal(config.seal.key_file)
+    except SealError as exc:
+        raise ConfigError(f"{config.path}: key 'seal.key_file': {exc}") from None
+
+
+class _Certificates:
+    """Server certificate and client CA, re-read on reload and offered to new handshakes."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self.initial = self._load()
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        s = self._config.server
+        try:
+            key, cert, ca = s.tls_key.read_bytes(), s.tls_cert.read_bytes(), s.client_ca.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"{self._config.path}: cannot read a TLS file: {exc.filename}: {exc.strerror}"
+            ) from None
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def reload(self) -> None:
+        self._pending = self._load()
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        pending, self._pending = self._pending, None
+        return pending
+
+
+class Daemon:
+    """One faceseal daemon: build, ``start``, ``reload``, ``stop``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.policies = PolicyHolder(load_policy(config.server.policy))
+        self._certs = _Certificates(config)
+        self.store = open_store(config)
+        self.core = Core(config, self.store, open_seal(config))
+        self._stop_unsealing = threading.Event()
+        limit = config.server.max_message_bytes
+        self.server = grpc.server(
+            ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="rpc"),
+            interceptors=[AuthInterceptor(self.policies, PERMISSIONS)],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        faceseal_pb2_grpc.add_FaceSealServiceServicer_to_server(FaceSealServicer(self.core), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        credentials = grpc.dynamic_ssl_server_credentials(
+            self._certs.initial,
+            self._certs.fetch,  # type: ignore[arg-type]  # grpc accepts None: "no change"
+            require_client_authentication=True,
+        )
+        self.port = self.server.add_secure_port(config.server.listen, credentials)
+        if self.port == 0:
+            raise ConfigError(f"{config.path}: key 'server.listen': cannot listen on {config.server.listen}")
+        self.core.on_seal_change(self._set_health)
+
+    def _set_health(self, sealed: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.NOT_SERVING if sealed else health_pb2.HealthCheckResponse.SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def start(self) -> None:
+        self.server.start()
+        threading.Thread(
+            target=self.core.unseal_until, args=(self._stop_unsealing,), name="unseal", daemon=True
+        ).start()
+        log.info("listening", extra={"address": self.config.server.listen, "port": self.port})
+
+    def reload(self) -> None:
+        """Re-read the policy and the TLS files; keep the old ones if the new ones are invalid."""
+        try:
+            policy = load_policy(self.config.server.policy)
+            self._certs.reload()
+        except ConfigError as exc:
+            log.error(
+                "reload refused; keeping the running policy and certificates", extra={"reason": str(exc)}
+            )
+            return
+        self.policies.replace(policy)
+        log.info("policy and certificates reloaded", extra={"callers": len(policy.rules)})
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish within the grace period, then close."""
+        self._stop_unsealing.set()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.config.server.grace_seconds if grace is None else grace).wait()
+        self.store.close()
+        log.info("stopped")
+
+
+def serve(config_path: Path) -> int:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the policy and certificates."""
+    os.umask(0o077)
+    logs.configure()
+    try:
+        config = load_config(config_path)
+        daemon = Daemon(config)
+    except (ConfigError, StoreError) as exc:
+        log.error("cannot start", extra={"reason": str(exc)})
+        raise ConfigError(str(exc)) from None
+    stopping = threading.Event()
+
+    def on_term(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal received; draining", extra={"signal": signal.Signals(signum).name})
+        stopping.set()
+
+    def on_hup(_signum: int, _frame: FrameType | None) -> None:
+        threading.Thread(target=daemon.reload, name="reload").start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    daemon.start()
+    stopping.wait()
+    daemon.stop()
+    return 0

@@ -1,0 +1,1 @@
+"""In-memory galleries of opened templates."""

@@ -1,0 +1,95 @@
+"""The storage interface: untrusted bytes in and out (after Vault's physical backend).
+
+A store never sees a template, a key or a subject id in clear: rows carry sealed blobs and a
+keyed HMAC (``subject_ref``) that names the subject. Whoever can write the store can still
+delete or move rows; the barrier turns a moved or edited row into an IntegrityError, never a
+match. Every backend passes the same conformance suite (``tests/store_conformance.py``).
+
+Writes are durable when the method returns: the daemon acknowledges a call only after that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateRow:
+    """One sealed template as stored."""
+
+    gallery: str
+    subject_ref: bytes
+    template_id: str
+    key_version: int
+    subject_blob: bytes
+    template_blob: bytes
+
+    def __repr__(self) -> str:
+        return f"TemplateRow(gallery={self.gallery!r}, template_id={self.template_id!r}, v{self.key_version})"
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedKey:
+    """A data key (or the index key) as the seal wrapped it."""
+
+    purpose: str
+    version: int
+    wrapped: bytes
+
+    def __repr__(self) -> str:
+        return f"WrappedKey({self.purpose!r}, v{self.version})"
+
+
+class StoreError(Exception):
+    """The backend failed (disk full, connection lost). Mapped to UNAVAILABLE: nothing was written."""
+
+
+class Store(Protocol):
+    """Four families of calls: keyring, templates, counts, lifecycle."""
+
+    def wrapped_keys(self) -> list[WrappedKey]:
+        """Every wrapped key, ordered by purpose then version."""
+        ...
+
+    def add_wrapped_keys(self, keys: Sequence[WrappedKey]) -> None:
+        """Insert keys atomically; raise StoreError if any (purpose, version) already exists."""
+        ...
+
+    def delete_wrapped_key(self, purpose: str, version: int) -> bool:
+        """Remove one wrapped key; True if it was there."""
+        ...
+
+    def put_template(self, row: TemplateRow, *, replace_subject: bool) -> int:
+        """Store a row (first removing the subject's other rows if ``replace_subject``), in one
+        transaction. Return the subject's template count afterwards."""
+        ...
+
+    def delete_subject(self, gallery: str, subject_ref: bytes) -> int:
+        """Remove every row of a subject; return how many were removed."""
+        ...
+
+    def subject_template_count(self, gallery: str, subject_ref: bytes) -> int: ...
+
+    def iter_templates(self, gallery: str) -> Iterator[TemplateRow]:
+        """Every row of a gallery, in insertion order."""
+        ...
+
+    def replace_template(self, old: TemplateRow, new: TemplateRow) -> bool:
+        """Swap a row's blobs (rewrap), only if the row still holds ``old``'s blobs; True if swapped."""
+        ...
+
+    def key_version_counts(self) -> dict[int, int]:
+        """How many rows each data-key version seals."""
+        ...
+
+    def gallery_counts(self) -> dict[str, tuple[int, int]]:
+        """Per gallery: (subjects, templates)."""
+        ...
+
+    def revision(self) -> int:
+        """A counter that grows with every committed change; replicas follow it."""
+        ...
+
+    def close(self) -> None: ...
