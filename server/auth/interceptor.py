@@ -15,7 +15,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -68,7 +68,13 @@ class PolicyHolder:
             self._policy = policy
 
 
-class AuthInterceptor(grpc.ServerInterceptor[Any, Any]):
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+else:  # the stubs make it generic; the runtime class is not subscriptable
+    _Interceptor = grpc.ServerInterceptor
+
+
+class AuthInterceptor(_Interceptor):
     """Maps each method to the permission it needs and refuses callers that lack it."""
 
     def __init__(self, policies: PolicyHolder, permissions: dict[str, Permission]) -> None:
@@ -96,7 +102,7 @@ class AuthInterceptor(grpc.ServerInterceptor[Any, Any]):
         abort(context, exc)
 
     def _authenticate(self, context: grpc.ServicerContext, permission: Permission) -> Caller:
-        raw = context.auth_context().get("x509_pem_cert") or []
+        raw: bytes | list[bytes] = context.auth_context().get("x509_pem_cert") or []
         pems = [raw] if isinstance(raw, bytes) else list(raw)
         identity = identity_from_pem(pems[0]) if pems else None
         caller = self._policies.policy.resolve(identity) if identity else None
