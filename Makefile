@@ -9,12 +9,12 @@ PROTOS := $(wildcard protos/faceseal/v1/*.proto)
 TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 
-.PHONY: run test venv gen lint typecheck buf-lint pytest clean dev-pki
+.PHONY: run test venv gen test-deps lint typecheck buf-lint pytest clean dev-pki
 
 run: venv gen $(DEV_DIR)/faceseal.toml
 	$(BIN)/faceseald serve --config $(DEV_DIR)/faceseal.toml
 
-test: venv gen lint typecheck buf-lint pytest
+test: venv gen test-deps lint typecheck buf-lint pytest
 
 venv: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ $(DEV_DIR)/faceseal.toml: | venv gen
 	$(BIN)/faceseald init --dev $(DEV_DIR)
 
 dev-pki: $(DEV_DIR)/faceseal.toml
+
+# System packages for the integration tests (installed when root; see the script).
+test-deps:
+	scripts/install-test-deps.sh
 
 lint: venv
 	$(BIN)/ruff check server client tests bench

@@ -45,9 +45,38 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class SealConfig:
-    type: Literal["file"]
+class FileSealConfig:
+    """Dev only: a 32-byte KEK in a 0600 file."""
+
     key_file: Path
+    type: Literal["file"] = "file"
+
+
+@dataclass(frozen=True, slots=True)
+class Pkcs11SealConfig:
+    """A non-extractable AES-256 key object in a PKCS#11 token (HSM)."""
+
+    module: Path
+    token_label: str
+    key_label: str
+    pin_file: Path
+    type: Literal["pkcs11"] = "pkcs11"
+
+
+@dataclass(frozen=True, slots=True)
+class TransitSealConfig:
+    """A Vault / OpenBao Transit key; the token comes from a file, never the command line."""
+
+    address: str
+    key_name: str
+    token_file: Path
+    mount: str = "transit"
+    ca_cert: Path | None = None
+    timeout_seconds: float = 5.0
+    type: Literal["transit"] = "transit"
+
+
+SealConfig = FileSealConfig | Pkcs11SealConfig | TransitSealConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +156,48 @@ def _bounded(t: _Table, key: str, kind: type, default: Any, lo: float, hi: float
     return value
 
 
+def parse_seal(table: dict[str, Any], file: Path, base: Path, mode: str, name: str = "seal") -> SealConfig:
+    """Validate one seal table; also used by ``faceseald seal migrate --to``."""
+    return _seal(_Table(file, name, table), base, mode)
+
+
+def _seal(se: _Table, base: Path, mode: str) -> SealConfig:
+    seal_type = se.get("type", str)
+    seal: SealConfig
+    if seal_type == "file":
+        if mode != "dev":
+            raise se.fail(
+                "type",
+                "the file seal keeps the key-encryption key beside the data and is refused unless "
+                'mode = "dev"',
+            )
+        seal = FileSealConfig(key_file=se.path("key_file", base))
+    elif seal_type == "pkcs11":
+        seal = Pkcs11SealConfig(
+            module=se.path("module", base),
+            token_label=se.get("token_label", str),
+            key_label=se.get("key_label", str),
+            pin_file=se.path("pin_file", base),
+        )
+    elif seal_type == "transit":
+        address = se.get("address", str)
+        if not re.fullmatch(r"https?://[^\s/]+/?", address):
+            raise se.fail("address", "must be http(s)://HOST:PORT")
+        ca = se.get("ca_cert", str, "")
+        seal = TransitSealConfig(
+            address=address.rstrip("/"),
+            key_name=se.get("key_name", str),
+            token_file=se.path("token_file", base),
+            mount=se.get("mount", str, "transit"),
+            ca_cert=(base / ca) if ca else None,
+            timeout_seconds=_bounded(se, "timeout_seconds", float, 5.0, 0.1, 300),
+        )
+    else:
+        raise se.fail("type", "must be 'file', 'pkcs11' or 'transit'")
+    se.done()
+    return seal
+
+
 def load_config(path: Path) -> Config:
     """Read and validate ``path``; raise ConfigError naming the file and key on any problem."""
     path = path.resolve()
@@ -165,17 +236,7 @@ def load_config(path: Path) -> Config:
         raise st.fail("url", "must be sqlite:PATH (relative to the config file) or sqlite:///ABSOLUTE/PATH")
     st.done()
 
-    se = top.table("seal")
-    seal_type = se.get("type", str)
-    if seal_type != "file":
-        raise se.fail("type", "must be 'file'")
-    if mode != "dev":
-        raise se.fail(
-            "type",
-            'the file seal keeps the key-encryption key beside the data and is refused unless mode = "dev"',
-        )
-    seal = SealConfig(type="file", key_file=se.path("key_file", base))
-    se.done()
+    seal = _seal(top.table("seal"), base, mode)
 
     g = top.table("galleries")
     galleries: dict[str, GalleryConfig] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from faceseal.server import validation
@@ -20,7 +20,7 @@ from faceseal.server.auth.policy import Caller, Permission
 from faceseal.server.config import Config, GalleryConfig
 from faceseal.server.crypto import vault
 from faceseal.server.crypto.barrier import Barrier, SealedTemplate
-from faceseal.server.errors import IntegrityError, NotFound, Sealed
+from faceseal.server.errors import FailedPrecondition, IntegrityError, NotFound, Sealed
 from faceseal.server.gallery.memory import Gallery
 from faceseal.server.seal.base import Seal, SealError
 from faceseal.server.store.base import Store, TemplateRow
@@ -47,6 +47,36 @@ class MatchOutcome:
 class Candidate:
     subject_id: str
     distance: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersionStatus:
+    version: int
+    template_count: int
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GalleryStatus:
+    name: str
+    dimension: int
+    metric: str
+    subject_count: int
+    template_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    sealed: bool
+    key_versions: list[KeyVersionStatus]
+    galleries: list[GalleryStatus]
+
+
+@dataclass(frozen=True, slots=True)
+class RewrapProgress:
+    done: int
+    total: int
+    target_version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +221,88 @@ class Core:
         if deleted == 0:
             raise NotFound("no such subject in this gallery")
         return deleted
+
+    # -- key administration (permission: admin, checked at the edge) --------------------------
+
+    def status(self) -> Status:
+        counts = self._store.key_version_counts()
+        state = self._state
+        if state is None:
+            return Status(True, [], [])
+        keyring = state.barrier.keyring
+        versions = [KeyVersionStatus(v, counts.get(v, 0), v == keyring.active) for v in keyring.versions()]
+        galleries = []
+        for name, gallery in state.galleries.items():
+            subjects, templates = gallery.size()
+            c = gallery.config
+            galleries.append(GalleryStatus(name, c.dimension, c.metric, subjects, templates))
+        return Status(False, versions, galleries)
+
+    def rotate_key(self) -> int:
+        with self._write_lock:
+            state = self._unsealed()
+            keyring = vault.add_version(self._store, self._seal, state.barrier.keyring)
+            self._state = _Unsealed(Barrier(keyring), state.galleries)
+        log.info("data key rotated", extra={"key_version": keyring.active})
+        return keyring.active
+
+    def rewrap(self) -> Iterator[RewrapProgress]:
+        """Re-seal every template not under the active version. Resumable: a rerun only sees what
+        is left. Safe under traffic: the in-memory galleries hold plaintext that does not change,
+        and each row is swapped only if it still holds the blob that was read (compare-and-swap)."""
+        target = self._unsealed().barrier.keyring.active
+        pending = [
+            (gallery, row)
+            for gallery in self._config.galleries.values()
+            for row in self._store.iter_templates(gallery.name)
+            if row.key_version != target
+        ]
+        total, done = len(pending), 0
+        yield RewrapProgress(0, total, target)
+        for gallery, row in pending:
+            with self._write_lock:
+                barrier = self._unsealed().barrier
+                sealed = SealedTemplate(row.key_version, row.subject_blob, row.template_blob)
+                try:
+                    subject_id, encoding = barrier.open(
+                        gallery.name, row.subject_ref, row.template_id, sealed, gallery.dimension
+                    )
+                except IntegrityError:
+                    self._alarm(gallery.name)
+                    continue
+                new = barrier.seal(gallery.name, subject_id, row.template_id, encoding, key_version=target)
+                self._store.replace_template(
+                    row,
+                    TemplateRow(
+                        gallery.name,
+                        row.subject_ref,
+                        row.template_id,
+                        target,
+                        new.subject_blob,
+                        new.template_blob,
+                    ),
+                )
+            done += 1
+            if done % 256 == 0 or done == total:
+                yield RewrapProgress(done, total, target)
+
+    def retire_key(self, version: int) -> None:
+        """Destroy a data-key version. Refused for the active version and while any blob uses it."""
+        with self._write_lock:
+            state = self._unsealed()
+            keyring = state.barrier.keyring
+            if keyring.key(version) is None:
+                raise NotFound("no such key version")
+            if version == keyring.active:
+                raise FailedPrecondition("the active key version cannot be retired; rotate first")
+            in_use = self._store.key_version_counts().get(version, 0)
+            if in_use:
+                raise FailedPrecondition(
+                    f"key version {version} still seals {in_use} templates; run Rewrap first"
+                )
+            keyring = vault.retire_version(self._store, self._seal, keyring, version)
+            self._state = _Unsealed(Barrier(keyring), state.galleries)
+        log.info("data key retired", extra={"key_version": version})
 
 
 def _disclose(caller: Caller, value: float) -> float | None:

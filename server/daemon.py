@@ -20,21 +20,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from faceseal.server import logs
+from faceseal.server.api import admin
 from faceseal.server.api.service import PERMISSIONS, FaceSealServicer
 from faceseal.server.auth.interceptor import AuthInterceptor, PolicyHolder
 from faceseal.server.auth.policy import load_policy
 from faceseal.server.config import Config, load_config
 from faceseal.server.core import Core
 from faceseal.server.errors import ConfigError
-from faceseal.server.seal.base import Seal, SealError
-from faceseal.server.seal.file import FileSeal
+from faceseal.server.seal import seal_from_config
+from faceseal.server.seal.base import Seal
 from faceseal.server.store.base import Store, StoreError
 from faceseal.server.store.sqlite import SQLiteStore
-from faceseal.v1 import faceseal_pb2, faceseal_pb2_grpc
+from faceseal.v1 import admin_pb2, admin_pb2_grpc, faceseal_pb2, faceseal_pb2_grpc
 
 log = logging.getLogger("faceseal.daemon")
 
 SERVICE_NAME = faceseal_pb2.DESCRIPTOR.services_by_name["FaceSealService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["FaceSealAdminService"].full_name
 
 
 def open_store(config: Config) -> Store:
@@ -42,10 +44,7 @@ def open_store(config: Config) -> Store:
 
 
 def open_seal(config: Config) -> Seal:
-    try:
-        return FileSeal(config.seal.key_file)
-    except SealError as exc:
-        raise ConfigError(f"{config.path}: key 'seal.key_file': {exc}") from None
+    return seal_from_config(config.seal, config.path)
 
 
 class _Certificates:
@@ -87,7 +86,7 @@ class Daemon:
         limit = config.server.max_message_bytes
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="rpc"),
-            interceptors=[AuthInterceptor(self.policies, PERMISSIONS)],
+            interceptors=[AuthInterceptor(self.policies, PERMISSIONS | admin.PERMISSIONS)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -95,18 +94,25 @@ class Daemon:
             ],
         )
         faceseal_pb2_grpc.add_FaceSealServiceServicer_to_server(FaceSealServicer(self.core), self.server)
+        admin_pb2_grpc.add_FaceSealAdminServiceServicer_to_server(
+            admin.FaceSealAdminServicer(self.core), self.server
+        )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         credentials = grpc.dynamic_ssl_server_credentials(
             self._certs.initial,
             self._certs.fetch,  # type: ignore[arg-type]  # grpc accepts None: "no change"
             require_client_authentication=True,
         )
-        self.port = self.server.add_secure_port(config.server.listen, credentials)
+        try:
+            self.port = self.server.add_secure_port(config.server.listen, credentials)
+        except RuntimeError:  # grpc >= 1.5x raises on a failed bind (port taken) instead of returning 0
+            self.port = 0
         if self.port == 0:
+            self.store.close()
             raise ConfigError(f"{config.path}: key 'server.listen': cannot listen on {config.server.listen}")
         self.core.on_seal_change(self._set_health)
 

@@ -7,6 +7,7 @@
     ├── Unauthenticated            the certificate maps to no caller in the policy
     ├── PermissionDenied           the caller may not call this method on this gallery
     ├── NotFound                   unknown subject or gallery
+    ├── FailedPrecondition         the system is not in a state for this (retiring a key still in use)
     ├── ResourceExhausted          over a rate, a budget or a lockout; carries a retry delay
     ├── IntegrityError             a stored blob failed to open: tampered, moved or its key retired
     ├── Unavailable                cannot answer now; retrying later may work
@@ -39,6 +40,10 @@ class PermissionDenied(FaceSealError):
 
 class NotFound(FaceSealError):
     """The subject or gallery does not exist."""
+
+
+class FailedPrecondition(FaceSealError):
+    """The request is valid but the system's state forbids it; retrying as is will not help."""
 
 
 class ResourceExhausted(FaceSealError):

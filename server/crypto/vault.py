@@ -46,3 +46,45 @@ def load_or_create(store: Store, seal: Seal) -> Keyring:
     if index is None or not data:
         raise SealError("the stored keyring is incomplete (index key or data keys missing)")
     return Keyring(index, data)
+
+
+def add_version(store: Store, seal: Seal, keyring: Keyring) -> Keyring:
+    """Create the next data-key version, store it wrapped, and return the keyring holding it."""
+    version = keyring.active + 1
+    key = SecretKey.generate()
+    store.add_wrapped_keys([WrappedKey(DATA, version, seal.wrap(key.reveal(), wrap_aad(DATA, version)))])
+    return keyring.with_version(version, key)
+
+
+def wrap_all(seal: Seal, keyring: Keyring) -> list[WrappedKey]:
+    """The whole keyring wrapped by ``seal``'s newest KEK."""
+    keys = [WrappedKey(INDEX, 1, seal.wrap(keyring.index_key.reveal(), wrap_aad(INDEX, 1)))]
+    for version in keyring.versions():
+        key = keyring.data_keys[version]
+        keys.append(WrappedKey(DATA, version, seal.wrap(key.reveal(), wrap_aad(DATA, version))))
+    return keys
+
+
+def retire_version(store: Store, seal: Seal, keyring: Keyring, version: int) -> Keyring:
+    """Destroy a data-key version everywhere it can be recovered from.
+
+    Deleting its wrapped copy from the store is not enough: every backup still holds that copy,
+    wrapped under the same KEK. So the KEK is rotated too: the remaining keyring is re-wrapped
+    under a new KEK version in one transaction, then the seal destroys the old KEK version.
+    After that no backup's keyring unwraps, which is what crypto-shredding promises.
+    """
+    remaining = keyring.without_version(version)
+    seal.rotate()
+    store.replace_wrapped_keys(wrap_all(seal, remaining))
+    seal.retire_previous()
+    return remaining
+
+
+def migrate(store: Store, old: Seal, new: Seal) -> int:
+    """Re-wrap the stored keyring from ``old`` to ``new`` without touching a template blob."""
+    keyring = load_or_create(store, old)
+    keys = wrap_all(new, keyring)
+    for item in keys:  # prove the new seal opens what it wrapped before the old copy is replaced
+        new.unwrap(item.wrapped, wrap_aad(item.purpose, item.version))
+    store.replace_wrapped_keys(keys)
+    return len(keys)

@@ -27,6 +27,23 @@ class Seal(Protocol):
         """A one-line, secret-free description for logs and status (e.g. ``file:/etc/faceseal/seal.key``)."""
         ...
 
-    def wrap(self, key: bytes, aad: bytes) -> bytes: ...
+    def wrap(self, key: bytes, aad: bytes) -> bytes:
+        """Wrap under the newest KEK version; the output names that version."""
+        ...
 
-    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes: ...
+    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
+        """Unwrap with whichever KEK version ``wrapped`` names, if the seal still has it."""
+        ...
+
+    def rotate(self) -> None:
+        """Create a new KEK version for ``wrap``; older versions still unwrap until retired."""
+        ...
+
+    def retire_previous(self) -> None:
+        """Destroy every KEK version but the newest.
+
+        This is what makes crypto-shredding reach old backups: a backup's keyring was wrapped
+        under a KEK version that no longer exists, so the data keys retired since cannot be
+        recovered from it. Call it only after everything still needed is re-wrapped.
+        """
+        ...

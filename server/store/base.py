@@ -57,6 +57,10 @@ class Store(Protocol):
         """Insert keys atomically; raise StoreError if any (purpose, version) already exists."""
         ...
 
+    def replace_wrapped_keys(self, keys: Sequence[WrappedKey]) -> None:
+        """Swap the whole wrapped keyring for ``keys`` in one transaction (KEK rotation, seal migration)."""
+        ...
+
     def delete_wrapped_key(self, purpose: str, version: int) -> bool:
         """Remove one wrapped key; True if it was there."""
         ...

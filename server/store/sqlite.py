@@ -120,6 +120,17 @@ class SQLiteStore:
 
         self._write(tx)
 
+    def replace_wrapped_keys(self, keys: Sequence[WrappedKey]) -> None:
+        def tx(db: sqlite3.Connection) -> int:
+            db.execute("DELETE FROM wrapped_keys")
+            db.executemany(
+                "INSERT INTO wrapped_keys (purpose, version, wrapped) VALUES (?, ?, ?)",
+                [(k.purpose, k.version, k.wrapped) for k in keys],
+            )
+            return len(keys)
+
+        self._write(tx)
+
     def delete_wrapped_key(self, purpose: str, version: int) -> bool:
         def tx(db: sqlite3.Connection) -> int:
             cur = db.execute("DELETE FROM wrapped_keys WHERE purpose = ? AND version = ?", (purpose, version))

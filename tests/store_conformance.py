@@ -1,0 +1,319 @@
+"""The behaviour every Store backend must have, whatever sits underneath.
+
+A backend's test module subclasses ``StoreConformance`` (the class name keeps pytest from
+collecting the base itself) and provides two fixtures:
+
+``store``
+    a fresh, empty ``faceseal.server.store.base.Store``; the fixture closes it afterwards.
+``reopen``
+    a callable ``reopen(old) -> Store`` that closes ``old`` and opens the same data again,
+    as a daemon restart would; the fixture closes what it opened.
+
+The store holds untrusted bytes, so the rows below are plain byte strings: the suite checks
+what the daemon relies on (atomic writes, exact bytes back, counts, a revision that replicas
+can follow), not what the bytes mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from faceseal.server.store.base import Store, StoreError, TemplateRow, WrappedKey
+
+Reopen = Callable[[Store], Store]
+
+# Blobs with NUL, high bytes and invalid UTF-8, so a backend that treats them as text fails.
+_BLOB_TAIL = b"\x00\xff\xfe\x80\x01\x00" + bytes(range(256))
+
+
+def ref(name: str) -> bytes:
+    """A 32-byte subject reference (the real ones are HMAC-SHA256 digests)."""
+    return (name.encode() + b"\x00\xff" * 16)[:32]
+
+
+def row(gallery: str, subject: str, template_id: str, version: int = 1, tag: str = "") -> TemplateRow:
+    seed = f"{gallery}/{subject}/{template_id}/v{version}{tag}".encode()
+    return TemplateRow(
+        gallery=gallery,
+        subject_ref=ref(subject),
+        template_id=template_id,
+        key_version=version,
+        subject_blob=b"S" + seed + _BLOB_TAIL,
+        template_blob=b"T" + seed + _BLOB_TAIL * 2,
+    )
+
+
+def rows_of(store: Store, gallery: str) -> list[TemplateRow]:
+    return list(store.iter_templates(gallery))
+
+
+def nonzero(counts: dict[Any, Any]) -> dict[Any, Any]:
+    """A backend may report a count that dropped to zero or leave it out; both mean 'none'."""
+    return {k: v for k, v in counts.items() if v not in (0, (0, 0))}
+
+
+def snapshot(store: Store, galleries: tuple[str, ...] = ("g1", "g2")) -> tuple[object, ...]:
+    return (
+        store.wrapped_keys(),
+        {g: rows_of(store, g) for g in galleries},
+        nonzero(store.key_version_counts()),
+        nonzero(store.gallery_counts()),
+        store.revision(),
+    )
+
+
+class StoreConformance:
+    """Subclass and provide the ``store`` and ``reopen`` fixtures."""
+
+    @pytest.fixture
+    def store(self) -> Iterator[Store]:
+        raise NotImplementedError("a backend's test class must provide the 'store' fixture")
+
+    @pytest.fixture
+    def reopen(self) -> Iterator[Reopen]:
+        raise NotImplementedError("a backend's test class must provide the 'reopen' fixture")
+
+    # -- an empty store ----------------------------------------------------------------------
+
+    def test_empty_store_has_nothing(self, store: Store) -> None:
+        assert store.wrapped_keys() == []
+        assert rows_of(store, "g1") == []
+        assert nonzero(store.key_version_counts()) == {}
+        assert nonzero(store.gallery_counts()) == {}
+        assert store.subject_template_count("g1", ref("alice")) == 0
+        assert store.delete_subject("g1", ref("alice")) == 0
+
+    # -- wrapped keys --------------------------------------------------------------------------
+
+    def test_wrapped_keys_add_list_delete(self, store: Store) -> None:
+        keys = [
+            WrappedKey("data", 2, b"wrapped-data-2\x00\xff"),
+            WrappedKey("index", 1, b"wrapped-index-1\x00\xff"),
+            WrappedKey("data", 10, b"wrapped-data-10"),
+            WrappedKey("data", 1, b"wrapped-data-1"),
+        ]
+        store.add_wrapped_keys(keys)
+        listed = store.wrapped_keys()
+        # Ordered by purpose, then numerically by version (10 after 2).
+        assert [(k.purpose, k.version) for k in listed] == [("data", 1), ("data", 2), ("data", 10), ("index", 1)]
+        assert {(k.purpose, k.version): k.wrapped for k in listed} == {
+            (k.purpose, k.version): k.wrapped for k in keys
+        }
+        assert store.delete_wrapped_key("data", 2) is True
+        assert store.delete_wrapped_key("data", 2) is False
+        assert store.delete_wrapped_key("index", 2) is False
+        assert [(k.purpose, k.version) for k in store.wrapped_keys()] == [("data", 1), ("data", 10), ("index", 1)]
+
+    def test_duplicate_wrapped_key_raises_and_changes_nothing(self, store: Store) -> None:
+        store.add_wrapped_keys([WrappedKey("index", 1, b"i1"), WrappedKey("data", 1, b"d1")])
+        before = snapshot(store)
+        # The batch holds one new key and one duplicate: neither may land.
+        with pytest.raises(StoreError):
+            store.add_wrapped_keys([WrappedKey("data", 2, b"d2"), WrappedKey("data", 1, b"evil")])
+        assert snapshot(store) == before
+        with pytest.raises(StoreError):
+            store.add_wrapped_keys([WrappedKey("data", 3, b"d3"), WrappedKey("data", 3, b"d3-again")])
+        assert snapshot(store) == before
+
+    # -- templates -----------------------------------------------------------------------------
+
+    def test_rows_come_back_byte_for_byte(self, store: Store) -> None:
+        r = row("g1", "alice", "t-1", version=7)
+        store.put_template(r, replace_subject=False)
+        assert rows_of(store, "g1") == [r]
+
+    def test_put_template_returns_the_subjects_count(self, store: Store) -> None:
+        assert store.put_template(row("g1", "alice", "a1"), replace_subject=False) == 1
+        assert store.put_template(row("g1", "alice", "a2"), replace_subject=False) == 2
+        assert store.put_template(row("g1", "bob", "b1"), replace_subject=False) == 1
+        assert store.put_template(row("g1", "alice", "a3"), replace_subject=False) == 3
+        # The same subject reference in another gallery is another subject.
+        assert store.put_template(row("g2", "alice", "a4"), replace_subject=False) == 1
+        assert store.subject_template_count("g1", ref("alice")) == 3
+        assert store.subject_template_count("g1", ref("bob")) == 1
+        assert store.subject_template_count("g2", ref("alice")) == 1
+
+    def test_replace_subject_removes_the_subjects_other_rows(self, store: Store) -> None:
+        store.put_template(row("g1", "alice", "a1"), replace_subject=False)
+        store.put_template(row("g1", "bob", "b1"), replace_subject=False)
+        store.put_template(row("g1", "alice", "a2"), replace_subject=False)
+        store.put_template(row("g2", "alice", "other-gallery"), replace_subject=False)
+        new = row("g1", "alice", "a3")
+        assert store.put_template(new, replace_subject=True) == 1
+        assert rows_of(store, "g1") == [row("g1", "bob", "b1"), new]
+        assert rows_of(store, "g2") == [row("g2", "alice", "other-gallery")]
+
+    def test_replace_subject_on_a_new_subject_just_adds(self, store: Store) -> None:
+        store.put_template(row("g1", "bob", "b1"), replace_subject=False)
+        assert store.put_template(row("g1", "alice", "a1"), replace_subject=True) == 1
+        assert [r.template_id for r in rows_of(store, "g1")] == ["b1", "a1"]
+
+    def test_failed_replace_subject_keeps_the_old_rows(self, store: Store) -> None:
+        """Delete-then-insert is one transaction: if the insert fails the subject is not lost."""
+        store.put_template(row("g1", "alice", "a1"), replace_subject=False)
+        store.put_template(row("g1", "alice", "a2"), replace_subject=False)
+        store.put_template(row("g1", "bob", "b1"), replace_subject=False)
+        before = snapshot(store)
+        clash = row("g1", "alice", "b1", tag="-new")  # template id already taken by bob's row
+        with pytest.raises(StoreError):
+            store.put_template(clash, replace_subject=True)
+        assert snapshot(store) == before
+        assert store.subject_template_count("g1", ref("alice")) == 2
+
+    def test_duplicate_template_id_raises_and_changes_nothing(self, store: Store) -> None:
+        store.put_template(row("g1", "alice", "t-1"), replace_subject=False)
+        store.put_template(row("g2", "carol", "t-2"), replace_subject=False)
+        before = snapshot(store)
+        for dup in (row("g1", "bob", "t-1"), row("g1", "alice", "t-1", tag="-again")):
+            with pytest.raises(StoreError):
+                store.put_template(dup, replace_subject=False)
+            assert snapshot(store) == before
+
+    def test_delete_subject_counts(self, store: Store) -> None:
+        for tid in ("a1", "a2", "a3"):
+            store.put_template(row("g1", "alice", tid), replace_subject=False)
+        store.put_template(row("g1", "bob", "b1"), replace_subject=False)
+        store.put_template(row("g2", "alice", "a-g2"), replace_subject=False)
+        assert store.delete_subject("g1", ref("alice")) == 3
+        assert store.delete_subject("g1", ref("alice")) == 0
+        assert store.subject_template_count("g1", ref("alice")) == 0
+        assert rows_of(store, "g1") == [row("g1", "bob", "b1")]
+        assert rows_of(store, "g2") == [row("g2", "alice", "a-g2")]
+
+    def test_iter_templates_in_insertion_order_per_gallery(self, store: Store) -> None:
+        # Ids, subjects and versions deliberately out of any sort order.
+        inserted = [
+            row("g1", "zed", "m-7", version=3),
+            row("g2", "amy", "z-1"),
+            row("g1", "amy", "a-9", version=1),
+            row("g1", "zed", "b-2", version=2),
+            row("g2", "zed", "a-0"),
+            row("g1", "kim", "0-0", version=1),
+        ]
+        for r in inserted:
+            store.put_template(r, replace_subject=False)
+        assert rows_of(store, "g1") == [r for r in inserted if r.gallery == "g1"]
+        assert rows_of(store, "g2") == [r for r in inserted if r.gallery == "g2"]
+        assert rows_of(store, "g3") == []
+        # A removal leaves the others in their order, and a later insert goes last.
+        store.delete_subject("g1", ref("amy"))
+        late = row("g1", "amy", "late")
+        store.put_template(late, replace_subject=False)
+        assert [r.template_id for r in rows_of(store, "g1")] == ["m-7", "b-2", "0-0", "late"]
+
+    # -- rewrap: compare-and-swap --------------------------------------------------------------
+
+    def test_replace_template_swaps_only_the_exact_old_blob(self, store: Store) -> None:
+        old = row("g1", "alice", "t-1", version=1)
+        other = row("g1", "bob", "t-2", version=1)
+        store.put_template(old, replace_subject=False)
+        store.put_template(other, replace_subject=False)
+        new = row("g1", "alice", "t-1", version=2)
+        assert store.replace_template(old, new) is True
+        assert rows_of(store, "g1") == [new, other]
+        # The row no longer holds `old`: a second rewrapper that read it earlier loses the race.
+        newer = row("g1", "alice", "t-1", version=3)
+        assert store.replace_template(old, newer) is False
+        assert rows_of(store, "g1") == [new, other]
+
+    def test_replace_template_refuses_a_stale_or_foreign_old_row(self, store: Store) -> None:
+        current = row("g1", "alice", "t-1")
+        store.put_template(current, replace_subject=False)
+        before = rows_of(store, "g1")
+        target = row("g1", "alice", "t-1", version=2)
+        stale = [
+            row("g1", "alice", "t-1", tag="-stale"),  # same row, different blob
+            row("g1", "alice", "t-missing"),  # no such row
+            row("g2", "alice", "t-1"),  # same template id claimed in another gallery
+        ]
+        for old in stale:
+            assert store.replace_template(old, target) is False
+            assert rows_of(store, "g1") == before
+
+    # -- counts ----------------------------------------------------------------------------------
+
+    def test_key_version_and_gallery_counts(self, store: Store) -> None:
+        store.put_template(row("g1", "alice", "a1", version=1), replace_subject=False)
+        store.put_template(row("g1", "alice", "a2", version=1), replace_subject=False)
+        store.put_template(row("g1", "bob", "b1", version=2), replace_subject=False)
+        store.put_template(row("g2", "alice", "c1", version=1), replace_subject=False)
+        assert nonzero(store.key_version_counts()) == {1: 3, 2: 1}
+        assert nonzero(store.gallery_counts()) == {"g1": (2, 3), "g2": (1, 1)}
+
+        assert store.replace_template(row("g1", "alice", "a1", version=1), row("g1", "alice", "a1", version=2))
+        assert nonzero(store.key_version_counts()) == {1: 2, 2: 2}
+
+        store.delete_subject("g2", ref("alice"))
+        store.put_template(row("g1", "bob", "b2", version=2), replace_subject=True)
+        assert nonzero(store.key_version_counts()) == {1: 1, 2: 2}
+        assert nonzero(store.gallery_counts()) == {"g1": (2, 3)}
+
+    # -- revision ----------------------------------------------------------------------------
+
+    def test_revision_grows_on_every_write_and_not_on_reads(self, store: Store) -> None:
+        writes: list[Callable[[], object]] = [
+            lambda: store.add_wrapped_keys([WrappedKey("index", 1, b"i"), WrappedKey("data", 1, b"d")]),
+            lambda: store.add_wrapped_keys([WrappedKey("data", 2, b"d2")]),
+            lambda: store.delete_wrapped_key("data", 2),
+            lambda: store.put_template(row("g1", "alice", "a1"), replace_subject=False),
+            lambda: store.put_template(row("g1", "alice", "a2"), replace_subject=False),
+            lambda: store.put_template(row("g1", "alice", "a3"), replace_subject=True),
+            lambda: store.replace_template(row("g1", "alice", "a3"), row("g1", "alice", "a3", version=2)),
+            lambda: store.put_template(row("g2", "bob", "b1"), replace_subject=False),
+            lambda: store.delete_subject("g1", ref("alice")),
+        ]
+        reads: list[Callable[[], object]] = [
+            store.wrapped_keys,
+            lambda: rows_of(store, "g1"),
+            lambda: rows_of(store, "g2"),
+            lambda: store.subject_template_count("g2", ref("bob")),
+            store.key_version_counts,
+            store.gallery_counts,
+            store.revision,
+        ]
+        seen = [store.revision()]
+        for write in writes:
+            write()
+            seen.append(store.revision())
+            for read in reads:
+                read()
+            assert store.revision() == seen[-1], "a read moved the revision"
+        assert all(a < b for a, b in zip(seen, seen[1:], strict=False)), seen
+
+    def test_failed_writes_do_not_move_the_revision(self, store: Store) -> None:
+        store.add_wrapped_keys([WrappedKey("data", 1, b"d")])
+        store.put_template(row("g1", "alice", "a1"), replace_subject=False)
+        store.put_template(row("g1", "bob", "b1"), replace_subject=False)
+        before = store.revision()
+        with pytest.raises(StoreError):
+            store.add_wrapped_keys([WrappedKey("data", 1, b"dup")])
+        with pytest.raises(StoreError):
+            store.put_template(row("g1", "bob", "a1"), replace_subject=False)
+        with pytest.raises(StoreError):
+            store.put_template(row("g1", "alice", "b1"), replace_subject=True)
+        assert store.revision() == before
+
+    # -- durability across a restart -------------------------------------------------------------
+
+    def test_reopen_after_close_keeps_everything(self, store: Store, reopen: Reopen) -> None:
+        store.add_wrapped_keys([WrappedKey("index", 1, b"i\x00"), WrappedKey("data", 1, b"d\xff")])
+        store.put_template(row("g1", "alice", "a1"), replace_subject=False)
+        store.put_template(row("g2", "bob", "b1", version=2), replace_subject=False)
+        store.put_template(row("g1", "carol", "c1"), replace_subject=False)
+        store.delete_subject("g1", ref("carol"))
+        keys, galleries, versions, counts, revision = snapshot(store)
+
+        again = reopen(store)
+        assert again.wrapped_keys() == keys
+        assert {g: rows_of(again, g) for g in ("g1", "g2")} == galleries
+        assert nonzero(again.key_version_counts()) == versions
+        assert nonzero(again.gallery_counts()) == counts
+        # Replicas follow the revision: a restart must never make it go back.
+        assert again.revision() >= revision
+        before_write = again.revision()
+        again.put_template(row("g1", "dan", "d1"), replace_subject=False)
+        assert again.revision() > before_write
+        assert again.put_template(row("g1", "alice", "a2"), replace_subject=False) == 2
