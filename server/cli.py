@@ -23,10 +23,27 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the daemon")
     serve.add_argument("--config", metavar="PATH", type=Path, required=True)
 
+    seal = commands.add_parser("seal", help="seal operations")
+    seal_commands = seal.add_subparsers(dest="seal_command", required=True)
+    migrate = seal_commands.add_parser(
+        "migrate",
+        help="re-wrap the keyring under another seal (dev key file -> HSM); template blobs are untouched",
+    )
+    migrate.add_argument("--config", metavar="PATH", type=Path, required=True, help="the daemon's config")
+    migrate.add_argument(
+        "--to",
+        metavar="PATH",
+        type=Path,
+        required=True,
+        help="a TOML file whose [seal] table is the new seal",
+    )
+
     args = parser.parse_args(argv)
     try:
         if args.command == "init":
             return _init(args.dev, force=args.force, listen=args.listen)
+        if args.command == "seal":
+            return _seal_migrate(args.config, args.to)
         return _serve(args.config)
     except ConfigError as exc:
         print(f"faceseald: {exc}", file=sys.stderr)
@@ -43,6 +60,40 @@ def _init(directory: Path, *, force: bool, listen: str) -> int:
     print(f"  CA:      {directory / 'ca.crt'}")
     print(f"  clients: {directory / 'clients'}/{{enroller,gateway,admin}}.{{crt,key}}")
     print(f"run it:    faceseald serve --config {directory / 'faceseal.toml'}")
+    return 0
+
+
+def _seal_migrate(config_path: Path, target_path: Path) -> int:
+    import tomllib
+
+    from faceseal.server.config import load_config, parse_seal
+    from faceseal.server.crypto import vault
+    from faceseal.server.daemon import open_store
+    from faceseal.server.seal import seal_from_config
+    from faceseal.server.seal.base import SealError
+
+    config = load_config(config_path)
+    target_path = target_path.resolve()
+    try:
+        raw = tomllib.loads(target_path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{target_path}: cannot read the target seal: {exc}") from None
+    table = raw.get("seal")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{target_path}: a [seal] table is required")
+    target = parse_seal(table, target_path, target_path.parent, config.mode)
+    old = seal_from_config(config.seal, config.path)
+    new = seal_from_config(target, target_path)
+    store = open_store(config)
+    try:
+        count = vault.migrate(store, old, new)
+    except SealError as exc:
+        print(f"faceseald: seal migration failed, nothing changed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"re-wrapped {count} keys from {old.describe()} to {new.describe()}")
+    print(f"now replace the [seal] table of {config.path} with the one in {target_path} and restart")
     return 0
 
 

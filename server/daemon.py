@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from faceseal.server import logs
+from faceseal.server import hygiene, logs
 from faceseal.server.api import admin
 from faceseal.server.api.service import PERMISSIONS, FaceSealServicer
 from faceseal.server.auth.interceptor import AuthInterceptor, PolicyHolder
@@ -156,6 +156,11 @@ def serve(config_path: Path) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the policy and certificates."""
     os.umask(0o077)
     logs.configure()
+    hardening = hygiene.apply()
+    log.info(
+        "process hardened",
+        extra={"not_dumpable": hardening.not_dumpable, "memory_locked": hardening.memory_locked},
+    )
     try:
         config = load_config(config_path)
         daemon = Daemon(config)

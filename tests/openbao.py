@@ -146,16 +146,15 @@ class OpenBao:
     def stop(self) -> None:
         """Kill the server (SIGTERM, then SIGKILL after 10 s). Idempotent."""
         proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=10)
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -213,9 +212,7 @@ class OpenBao:
             )
             # A root token may choose a token's id, which is what lets the token file exist
             # before the server does.
-            client.auth.token.create(
-                id=self.seal_token, policies=[policy], no_default_policy=True, ttl="1h"
-            )
+            client.auth.token.create(id=self.seal_token, policies=[policy], no_default_policy=True, ttl="1h")
 
     def _log_tail(self) -> str:
         try:

@@ -42,6 +42,21 @@ class TestSQLiteConformance(StoreConformance):
             s.close()
 
 
+def _open_files_under(folder: Path) -> list[str]:
+    fd_dir = Path("/proc/self/fd")
+    if not fd_dir.is_dir():
+        pytest.skip("needs /proc/self/fd to list open files")
+    found = []
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(folder)):
+            found.append(target)
+    return found
+
+
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -124,7 +139,9 @@ def test_newer_schema_is_refused_and_left_alone(db_path: Path) -> None:
         SQLiteStore(db_path)
     assert str(future) in str(info.value)
     assert db_path.read_bytes() == before
-    # The refused store let go of the file: another process can take a write lock at once.
+    # The refused store let go of the file, even while the exception is still referenced.
+    assert _open_files_under(db_path.parent) == []
+    # ... so another process can take a write lock at once.
     db = sqlite3.connect(db_path, timeout=0)
     try:
         db.execute("BEGIN IMMEDIATE")
