@@ -226,7 +226,8 @@ def load_config(path: Path) -> Config:
         max_workers=_bounded(s, "max_workers", int, 16, 1, 1024),
         max_top_k=_bounded(s, "max_top_k", int, 100, 1, 10_000),
     )
-    if not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}", server.listen):
+    listen_ok = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})", server.listen)
+    if not listen_ok or int(listen_ok.group(2)) > 65535:
         raise s.fail("listen", "must be HOST:PORT (e.g. 127.0.0.1:50051 or [::1]:50051)")
     s.done()
 
@@ -251,11 +252,13 @@ def load_config(path: Path) -> Config:
             name=name,
             dimension=_bounded(gt, "dimension", int, ..., 1, MAX_DIMENSION),
             metric=metric,
-            threshold=_bounded(gt, "threshold", float, ..., 1e-9, 4.0),
+            # A cosine distance lies in [0, 2], a unit-scale euclidean one in [0, 4]: a threshold at
+            # or past the top would accept every probe.
+            threshold=_bounded(gt, "threshold", float, ..., 1e-9, 1.999 if metric == "cosine" else 4.0),
         )
         gt.done()
     if not galleries:
-        raise g.fail("", "at least one gallery is required")
+        raise top.fail("galleries", "at least one gallery is required")
 
     default = top.get("default_gallery", str, next(iter(galleries)) if len(galleries) == 1 else ...)
     if default not in galleries:

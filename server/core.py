@@ -145,7 +145,7 @@ class Core:
                 self._alarm(config.name)
                 gallery.poison(row.subject_ref)
                 continue
-            gallery.add(subject_id, row.template_id, encoding)
+            gallery.add(subject_id, row.template_id, encoding, subject_ref=row.subject_ref)
         return gallery
 
     def _alarm(self, gallery: str) -> None:
@@ -184,7 +184,7 @@ class Core:
         )
         with self._write_lock:
             count = self._store.put_template(row, replace_subject=replace)
-            gallery.add(subject_id, template_id, vector, replace=replace)
+            gallery.add(subject_id, template_id, vector, subject_ref=ref, replace=replace)
             if replace:
                 gallery.clear_poison(ref)
         return EnrollOutcome(subject_id, template_id, count)

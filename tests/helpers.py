@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -73,15 +73,17 @@ def random_encodings(n: int, *, seed: int, dim: int = DIM) -> F32:
     """``n`` random unit-length vectors: any two are about 1.41 apart, far beyond a 0.6 threshold."""
     rng = np.random.default_rng(seed)
     v = rng.standard_normal((n, dim))
-    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    unit: F32 = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    return unit
 
 
 def nearby(encoding: F32, distance: float, *, seed: int) -> F32:
     """A vector ``distance`` away from ``encoding`` (euclidean, up to float32 rounding)."""
     rng = np.random.default_rng(seed)
     step = rng.standard_normal(encoding.shape[0])
-    step *= distance / np.linalg.norm(step)
-    return (encoding.astype(np.float64) + step).astype(np.float32)
+    step = step * (distance / float(np.linalg.norm(step)))
+    moved: F32 = (encoding.astype(np.float64) + step).astype(np.float32)
+    return moved
 
 
 def euclidean(a: F32, b: F32) -> float:
@@ -106,8 +108,10 @@ def db_snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every table, read through a read-only connection (the daemon may be running)."""
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        assert "templates" in tables and "meta" in tables, tables
-        return {t: sorted(db.execute(f'SELECT * FROM "{t}"').fetchall()) for t in sorted(tables)}
+        assert "templates" in tables, tables
+        assert "meta" in tables, tables
+        # The table names come from sqlite_master, not from a request.
+        return {t: sorted(db.execute(f'SELECT * FROM "{t}"').fetchall()) for t in sorted(tables)}  # noqa: S608
 
 
 def db_revision(path: Path) -> int:
@@ -217,9 +221,7 @@ class Dev:
     # -- policy ----------------------------------------------------------------------------------
 
     def policy(self) -> list[dict[str, Any]]:
-        callers: list[dict[str, Any]] = tomllib.loads(self.policy_path.read_text(encoding="utf-8"))[
-            "callers"
-        ]
+        callers: list[dict[str, Any]] = tomllib.loads(self.policy_path.read_text(encoding="utf-8"))["callers"]
         return callers
 
     def write_policy(self, callers: list[dict[str, Any]]) -> None:
@@ -418,7 +420,8 @@ class SubprocessDaemon:
         return "SERVING" if health(self.dev, self.target, timeout=1.0) == "SERVING" else None
 
     def send(self, sig: signal.Signals) -> None:
-        assert self.proc is not None and self.proc.poll() is None, "the daemon is not running"
+        assert self.proc is not None, "the daemon was not started"
+        assert self.proc.poll() is None, "the daemon is not running"
         os.kill(self.proc.pid, sig)
 
     def wait(self, timeout: float) -> int:
@@ -450,12 +453,3 @@ class SubprocessDaemon:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
-
-
-@contextlib.contextmanager
-def closing_all(*closeables: Any) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for c in closeables:
-            c.close()

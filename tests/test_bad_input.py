@@ -117,8 +117,10 @@ def test_bad_request_is_refused_and_changes_nothing(populated: InProcessDaemon, 
     assert err.code() == case.code, err.details()
 
     details = err.details() or ""
-    assert "31415" not in details and "0.314" not in details, "the error echoes vector values"
-    assert "DROP TABLE" not in details and "zoë" not in details, "the error echoes the subject id"
+    for echo in ("31415", "0.314"):
+        assert echo not in details, "the error echoes vector values"
+    for echo in ("DROP TABLE", "zoë", "john smith"):
+        assert echo not in details, "the error echoes the subject id"
 
     assert db_snapshot(db) == before
     assert db_revision(db) == revision

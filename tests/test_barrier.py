@@ -166,7 +166,9 @@ def test_failures_are_indistinguishable(barrier: Barrier, encoding: np.ndarray) 
         lambda: _open(barrier, "other", "alice", TEMPLATE_ID, sealed),
         lambda: _open(barrier, GALLERY, "alice", "t", sealed),
         lambda: _open(barrier, GALLERY, "alice", TEMPLATE_ID, dataclasses.replace(sealed, key_version=9)),
-        lambda: _open(barrier, GALLERY, "alice", TEMPLATE_ID, dataclasses.replace(sealed, template_blob=b"x")),
+        lambda: _open(
+            barrier, GALLERY, "alice", TEMPLATE_ID, dataclasses.replace(sealed, template_blob=b"x")
+        ),
         lambda: barrier.open(GALLERY, barrier.subject_ref(GALLERY, "alice"), TEMPLATE_ID, sealed, 3),
     ]
     for attempt in attempts:
@@ -194,7 +196,7 @@ def test_blob_of_version_2_needs_version_2(keyring: Keyring, encoding: np.ndarra
 
 
 def test_seal_under_a_missing_version_is_refused(barrier: Barrier, encoding: np.ndarray) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="key version"):
         barrier.seal(GALLERY, "alice", TEMPLATE_ID, encoding, key_version=2)
 
 
@@ -275,6 +277,6 @@ def test_secret_key_cannot_be_copied_out() -> None:
 
 @pytest.mark.parametrize("size", [0, 16, 31, 33, 64])
 def test_secret_key_must_be_32_bytes(size: int) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="32 bytes") as info:
         SecretKey(b"k" * size)
     assert "k" * 8 not in str(info.value)

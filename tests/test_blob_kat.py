@@ -69,7 +69,9 @@ def test_encode_with_aesgcm_reproduces_blob(case: dict[str, Any], kind: str) -> 
         aad = blob.template_aad(case["gallery"], case["subject_id"], case["template_id"], case["key_version"])
     else:
         plaintext = case["subject_id"].encode()
-        aad = blob.subject_aad(case["gallery"], _h(case, "subject_ref"), case["template_id"], case["key_version"])
+        aad = blob.subject_aad(
+            case["gallery"], _h(case, "subject_ref"), case["template_id"], case["key_version"]
+        )
     nonce = _h(case, f"{kind}_nonce")
     ciphertext = AESGCM(_h(case, "data_key")).encrypt(nonce, plaintext, aad)
     assert blob.encode(case["key_version"], nonce, ciphertext).hex() == case[f"{kind}_blob"]
@@ -102,7 +104,11 @@ def test_barrier_seal_output_opens_with_plain_aesgcm(case: dict[str, Any]) -> No
     """What the daemon writes today can be read by anyone holding the key and the spec."""
     barrier = Barrier(_keyring(case))
     sealed = barrier.seal(
-        case["gallery"], case["subject_id"], case["template_id"], _encoding(case), key_version=case["key_version"]
+        case["gallery"],
+        case["subject_id"],
+        case["template_id"],
+        _encoding(case),
+        key_version=case["key_version"],
     )
     aead = AESGCM(_h(case, "data_key"))
     for raw, aad_name, plaintext_hex in (
@@ -116,7 +122,11 @@ def test_barrier_seal_output_opens_with_plain_aesgcm(case: dict[str, Any]) -> No
     assert sealed.key_version == case["key_version"]
     # A fresh nonce per blob: the two blobs of a row never share one, nor does a re-seal.
     again = barrier.seal(
-        case["gallery"], case["subject_id"], case["template_id"], _encoding(case), key_version=case["key_version"]
+        case["gallery"],
+        case["subject_id"],
+        case["template_id"],
+        _encoding(case),
+        key_version=case["key_version"],
     )
     nonces = {sealed.template_blob[5:17], sealed.subject_blob[5:17], again.template_blob[5:17]}
     assert len(nonces) == 3
@@ -159,11 +169,18 @@ def test_parse_accepts_the_shortest_valid_blob() -> None:
 
 
 @pytest.mark.parametrize(
-    ("version", "nonce", "ciphertext"),
-    [(0, bytes(12), bytes(16)), (2**32, bytes(12), bytes(16)), (1, bytes(11), bytes(16)), (1, bytes(12), bytes(15))],
+    ("version", "nonce", "ciphertext", "why"),
+    [
+        (0, bytes(12), bytes(16), "version"),
+        (2**32, bytes(12), bytes(16), "version"),
+        (1, bytes(11), bytes(16), "nonce"),
+        (1, bytes(12), bytes(15), "tag"),
+    ],
 )
-def test_encode_refuses_what_parse_would_reject(version: int, nonce: bytes, ciphertext: bytes) -> None:
-    with pytest.raises(ValueError):
+def test_encode_refuses_what_parse_would_reject(
+    version: int, nonce: bytes, ciphertext: bytes, why: str
+) -> None:
+    with pytest.raises(ValueError, match=why):
         blob.encode(version, nonce, ciphertext)
 
 

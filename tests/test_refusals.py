@@ -3,7 +3,9 @@ without the permission, a caller outside its galleries; and who sees distances."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import grpc
 import numpy as np
@@ -28,7 +30,7 @@ from faceseal.v1 import faceseal_pb2_grpc
 ALICE, BOB, STRANGER = random_encodings(3, seed=100)
 
 
-def _calls(stub: faceseal_pb2_grpc.FaceSealServiceStub) -> dict[str, object]:
+def _calls(stub: faceseal_pb2_grpc.FaceSealServiceStub) -> dict[str, Callable[[], object]]:
     """One call of each method, on subjects the tests enroll."""
     probe = list(map(float, ALICE))
     return {
@@ -68,7 +70,7 @@ def _foreign_credentials(daemon: InProcessDaemon, issued: pki.Issued) -> grpc.Ch
 def _refused_at_handshake(daemon: InProcessDaemon, channel: grpc.Channel) -> None:
     stub = faceseal_pb2_grpc.FaceSealServiceStub(channel)
     for method, call in _calls(stub).items():
-        assert rpc_code(call) == grpc.StatusCode.UNAVAILABLE, method  # type: ignore[arg-type]
+        assert rpc_code(call) == grpc.StatusCode.UNAVAILABLE, method
     # Not even health, which any certificate from our CA may read.
     health_stub = health_pb2_grpc.HealthStub(channel)
     code = rpc_code(lambda: health_stub.Check(health_pb2.HealthCheckRequest(), timeout=5))
@@ -113,7 +115,7 @@ def test_certificate_of_our_ca_unknown_to_the_policy_is_unauthenticated(enrolled
     enrolled.dev.issue_client("stranger")
     stub = enrolled.stub("stranger")
     for method, call in _calls(stub).items():
-        err = rpc_error(call)  # type: ignore[arg-type]
+        err = rpc_error(call)
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED, method
         assert "policy" in (err.details() or "")
     # It did complete the handshake: the open health service answers it.
@@ -132,7 +134,7 @@ def test_certificate_of_our_ca_unknown_to_the_policy_is_unauthenticated(enrolled
 def test_roles_are_per_method(enrolled: InProcessDaemon, profile: str, methods: list[str]) -> None:
     calls = _calls(enrolled.stub(profile))
     for method in methods:
-        assert rpc_code(calls[method]) == grpc.StatusCode.PERMISSION_DENIED, method  # type: ignore[arg-type]
+        assert rpc_code(calls[method]) == grpc.StatusCode.PERMISSION_DENIED, method
     _assert_untouched(enrolled)
 
 
@@ -162,8 +164,8 @@ def test_caller_limited_to_one_gallery(harness: InProcessDaemon) -> None:
     ok = v_stub.Enroll(pb.EnrollRequest(gallery="vault", subject_id="bob", encoding=probe), timeout=5)
     assert ok.template_count == 1
     for gallery in ("", "faces"):
-        req_e = pb.EnrollRequest(gallery=gallery, subject_id="bob", encoding=probe)
-        assert rpc_code(lambda r=req_e: v_stub.Enroll(r, timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
+        enroll = pb.EnrollRequest(gallery=gallery, subject_id="bob", encoding=probe)
+        assert rpc_code(partial(v_stub.Enroll, enroll, timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(NotFoundError):
         harness.client("gateway").match("bob", ALICE)
 
@@ -179,9 +181,9 @@ def test_decision_only_caller_never_receives_a_distance(enrolled: InProcessDaemo
     assert stub.Match(pb.MatchRequest(subject_id="alice", probe=list(map(float, ALICE))), timeout=5).match
 
     enrolled.client("enroller").enroll("alicia", nearby(ALICE, 0.3, seed=102))
-    response = stub.Identify(pb.IdentifyRequest(probe=list(map(float, ALICE)), top_k=10), timeout=5)
-    assert [c.subject_id for c in response.candidates] == ["alice", "alicia"]
-    assert not any(c.HasField("distance") for c in response.candidates)
+    found = stub.Identify(pb.IdentifyRequest(probe=list(map(float, ALICE)), top_k=10), timeout=5)
+    assert [c.subject_id for c in found.candidates] == ["alice", "alicia"]
+    assert not any(c.HasField("distance") for c in found.candidates)
 
 
 def test_distance_caller_receives_distances_rounded_to_3_decimals(harness: InProcessDaemon) -> None:
@@ -199,10 +201,8 @@ def test_distance_caller_receives_distances_rounded_to_3_decimals(harness: InPro
         assert response.distance == float(np.float32(want))
         assert response.match is (euclidean(enrolled_as, probe) <= 0.6)
 
-    response = stub.Identify(pb.IdentifyRequest(probe=list(map(float, probe)), top_k=10), timeout=5)
-    assert [c.subject_id for c in response.candidates] == ["alice"]
-    (candidate,) = response.candidates
+    found = stub.Identify(pb.IdentifyRequest(probe=list(map(float, probe)), top_k=10), timeout=5)
+    assert [c.subject_id for c in found.candidates] == ["alice"]
+    (candidate,) = found.candidates
     assert candidate.HasField("distance")
     assert candidate.distance == float(np.float32(round(euclidean(ALICE, probe), 3)))
-
-

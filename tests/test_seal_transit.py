@@ -15,13 +15,22 @@ import hvac.exceptions  # type: ignore[import-untyped]
 import pytest
 
 from faceseal.server.config import TransitSealConfig
-from faceseal.server.crypto.vault import load_or_create, wrap_aad
+from faceseal.server.crypto.vault import add_version, load_or_create, retire_version, wrap_aad
 from faceseal.server.errors import ConfigError
 from faceseal.server.seal import seal_from_config
 from faceseal.server.seal.base import SealError, SealUnreachable
 from faceseal.server.seal.transit import TransitSeal
 from faceseal.server.store.sqlite import SQLiteStore
-from tests.openbao import OpenBao, free_port, openbao_factory  # noqa: F401 - fixture
+
+try:
+    from tests.openbao import SERVE_POLICY, OpenBao, free_port, openbao_factory
+except ModuleNotFoundError:  # plain `pytest` (not `python -m pytest`): only tests/ is on sys.path
+    from openbao import (  # type: ignore[no-redef] # noqa: F401
+        SERVE_POLICY,
+        OpenBao,
+        free_port,
+        openbao_factory,
+    )
 
 Factory = Callable[..., OpenBao]
 KEY = bytes(range(32))
@@ -29,7 +38,7 @@ AAD = wrap_aad("data", 1)
 
 
 @pytest.fixture
-def bao(openbao_factory: Factory) -> OpenBao:  # noqa: F811 - the imported fixture
+def bao(openbao_factory: Factory) -> OpenBao:
     return openbao_factory()
 
 
@@ -87,12 +96,69 @@ def test_key_is_not_exportable(bao: OpenBao) -> None:
             admin.adapter.get(f"/v1/{bao.mount}/backup/{bao.key_name}")
 
 
-def test_seal_token_may_only_encrypt_and_decrypt(bao: OpenBao) -> None:
+def test_seal_token_is_bound_to_its_key(bao: OpenBao) -> None:
     seal = TransitSeal.from_config(bao.seal_config())
     assert seal.unwrap(seal.wrap(KEY, AAD), AAD) == KEY
     other = TransitSeal.from_config(bao.seal_config(key_name="other"))
     with pytest.raises(SealError, match="permission denied"):
         other.wrap(KEY, AAD)
+
+
+# -- KEK rotation (crypto-shredding) ---------------------------------------------------------------
+
+
+def test_rotate_then_retire_destroys_the_old_version(bao: OpenBao, seal: TransitSeal) -> None:
+    old = seal.wrap(KEY, AAD)
+    seal.rotate()
+    new = seal.wrap(KEY[::-1], AAD)
+    assert new[1:].startswith(b"vault:v2:")
+    # Between rotate and retire both versions unwrap, from any seal (another replica, a restart).
+    for s in (seal, TransitSeal.from_config(bao.seal_config())):
+        assert s.unwrap(old, AAD) == KEY
+        assert s.unwrap(new, AAD) == KEY[::-1]
+    seal.retire_previous()
+    assert seal.unwrap(new, AAD) == KEY[::-1]
+    with pytest.raises(SealError) as info:
+        seal.unwrap(old, AAD)
+    assert not isinstance(info.value, SealUnreachable)
+    with bao.admin() as admin:
+        config = admin.secrets.transit.read_key(bao.key_name)["data"]
+    assert set(config["keys"]) == {"2"}  # version 1 is gone from the engine, not just disabled
+    assert config["min_available_version"] == 2
+    assert config["min_decryption_version"] == 2
+    seal.retire_previous()  # idempotent
+    seal.rotate()  # and rotation goes on after a retirement
+    newer = seal.wrap(KEY, AAD)
+    assert newer[1:].startswith(b"vault:v3:")
+    assert seal.unwrap(newer, AAD) == KEY
+    assert seal.unwrap(new, AAD) == KEY[::-1]
+
+
+def test_serving_token_cannot_rotate_or_retire(bao: OpenBao) -> None:
+    seal = TransitSeal.from_config(bao.seal_config(token_file=bao.make_token(SERVE_POLICY, name="serve")))
+    assert seal.unwrap(seal.wrap(KEY, AAD), AAD) == KEY
+    for call in (seal.rotate, seal.retire_previous):
+        with pytest.raises(SealError, match="permission denied"):
+            call()
+
+
+def test_retire_version_through_the_keyring(seal: TransitSeal, tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "faceseal.db")
+    try:
+        keyring = add_version(store, seal, load_or_create(store, seal))
+        backup = store.wrapped_keys()  # what a backup taken now would hold
+        remaining = retire_version(store, seal, keyring, 1)
+        reloaded = load_or_create(store, seal)
+        assert reloaded.versions() == remaining.versions() == [2]
+        assert reloaded.data_keys[2].reveal() == keyring.data_keys[2].reveal()
+        for item in backup:  # the backup's keyring no longer unwraps: crypto-shredding
+            with pytest.raises(SealError):
+                seal.unwrap(item.wrapped, wrap_aad(item.purpose, item.version))
+    finally:
+        store.close()
+
+
+# -- tokens, errors, messages ----------------------------------------------------------------------
 
 
 def test_bad_token_is_a_seal_error_without_the_token(bao: OpenBao, tmp_path: Path) -> None:
@@ -130,7 +196,7 @@ def test_loose_token_file_is_refused(tmp_path: Path, mode: int) -> None:
         seal_from_config(config.cfg, tmp_path / "faceseal.toml")
 
 
-@pytest.mark.parametrize("content", ["", "\n", "two words\n", "a\nb\n", "tok\x00en"])
+@pytest.mark.parametrize("content", ["", "\n", "qq1x zz2y\n", "qq1x\nzz2y\n", "qq1x\x00zz2y"])
 def test_token_file_content_is_checked_without_echo(tmp_path: Path, content: str) -> None:
     path = write_secret(tmp_path / "token", content)
     with pytest.raises(SealError, match="one token on one line") as info:
@@ -144,6 +210,14 @@ def test_missing_token_file_is_refused(tmp_path: Path) -> None:
         TransitSeal.from_config(OpenBaoLess(tmp_path / "absent").cfg)
 
 
+def test_missing_hvac_is_a_seal_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from faceseal.server.seal import transit
+
+    monkeypatch.setattr(transit, "_INSTALLED", False)
+    with pytest.raises(ConfigError, match=r"pip install 'faceseal\[transit\]'"):
+        seal_from_config(OpenBaoLess(write_secret(tmp_path / "t", "s.x\n")).cfg, tmp_path / "faceseal.toml")
+
+
 def test_construction_does_not_contact_the_engine(tmp_path: Path) -> None:
     # Nothing listens there; construction must still succeed (the daemon starts sealed).
     seal = TransitSeal.from_config(OpenBaoLess(write_secret(tmp_path / "t", "s.x\n")).cfg)
@@ -151,12 +225,12 @@ def test_construction_does_not_contact_the_engine(tmp_path: Path) -> None:
         seal.wrap(KEY, AAD)
 
 
-def test_engine_down_then_started_later(openbao_factory: Factory) -> None:  # noqa: F811
+def test_engine_down_then_started_later(openbao_factory: Factory) -> None:
     # The token file and port exist before the server does, as for a daemon started first.
     bao = openbao_factory(start=False)
     seal = TransitSeal.from_config(bao.seal_config(timeout_seconds=2.0))
     started = time.monotonic()
-    with pytest.raises(SealUnreachable, match="did not answer"):
+    with pytest.raises(SealUnreachable, match="cannot reach the engine"):
         seal.wrap(KEY, AAD)
     assert time.monotonic() - started < 2.0
     bao.start()
@@ -188,7 +262,7 @@ def test_engine_that_never_answers_times_out(tmp_path: Path) -> None:
         cfg = OpenBaoLess(write_secret(tmp_path / "t", "s.x\n"), port=port, timeout=0.3).cfg
         seal = TransitSeal.from_config(cfg)
         started = time.monotonic()
-        with pytest.raises(SealUnreachable, match=r"did not answer within 0\.3 s"):
+        with pytest.raises(SealUnreachable, match=r"no answer within 0\.3 s"):
             seal.wrap(KEY, AAD)
         assert time.monotonic() - started < 2.0
 

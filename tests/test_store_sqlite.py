@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from store_conformance import Reopen, StoreConformance, row
 
 from faceseal.server.store.base import Store, StoreError
 from faceseal.server.store.sqlite import SCHEMA_VERSION, SQLiteStore
-from store_conformance import Reopen, StoreConformance, row
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_wal_and_full_sync(db_path: Path) -> None:
     store = SQLiteStore(db_path)
     try:
         # synchronous is a per-connection setting: only the store's own connection can tell.
-        db = store._db  # noqa: SLF001
+        db = store._db
         assert db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
         assert db.execute("PRAGMA synchronous").fetchone()[0] == 2
     finally:

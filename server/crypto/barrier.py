@@ -37,6 +37,9 @@ class SealedTemplate:
     subject_blob: bytes
     template_blob: bytes
 
+    def __repr__(self) -> str:
+        return f"SealedTemplate(v{self.key_version}, <{len(self.template_blob)} sealed bytes>)"
+
 
 class Barrier:
     """Seal and open template blobs with the data keys of one keyring."""

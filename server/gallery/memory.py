@@ -40,11 +40,14 @@ class Gallery:
         self._row_subject: list[str] = []
         self._row_template: list[str] = []
         self._rows: dict[str, list[int]] = {}
+        self._refs: dict[str, bytes] = {}
         self._poisoned: set[bytes] = set()
 
     # -- writes (after the store committed) -------------------------------------------------
 
-    def add(self, subject_id: str, template_id: str, encoding: F32, *, replace: bool = False) -> None:
+    def add(
+        self, subject_id: str, template_id: str, encoding: F32, *, subject_ref: bytes, replace: bool = False
+    ) -> None:
         with self._lock:
             if replace:
                 self._remove_locked(subject_id)
@@ -56,6 +59,7 @@ class Gallery:
             self._row_subject.append(subject_id)
             self._row_template.append(template_id)
             self._rows.setdefault(subject_id, []).append(row)
+            self._refs[subject_id] = subject_ref
             self._n += 1
 
     def remove(self, subject_id: str, subject_ref: bytes) -> None:
@@ -100,6 +104,10 @@ class Gallery:
                 best: dict[str, float] = {}
                 for row, d in zip(rows.tolist(), exact.tolist(), strict=True):
                     sid = self._row_subject[row]
+                    # A subject with a tampered row is never a candidate: its intact rows could
+                    # be the attacker's copy, and the tampered one is already an alarm.
+                    if self._poisoned and self._refs[sid] in self._poisoned:
+                        continue
                     if d <= threshold and d < best.get(sid, np.inf):
                         best[sid] = d
                 # Enough distinct subjects, or everything within the threshold was seen.
@@ -131,6 +139,7 @@ class Gallery:
     def _remove_locked(self, subject_id: str) -> None:
         # Remove rows from the highest index down, moving the last row into each hole so the
         # matrix stays dense; the moved row's subject has its index list updated.
+        self._refs.pop(subject_id, None)
         for row in sorted(self._rows.pop(subject_id, ()), reverse=True):
             last = self._n - 1
             if row != last:

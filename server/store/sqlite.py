@@ -60,13 +60,20 @@ class SQLiteStore:
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the SQLite store {path}: {exc}") from None
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA secure_delete=ON")
             self._migrate()
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the SQLite store {path}: {exc}") from None
+        except BaseException as exc:
+            # A refused store must not keep the file open (and a half-run migration rolls back).
+            self._db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot open the SQLite store {path}: {exc}") from None
+            raise
 
     def _migrate(self) -> None:
         (current,) = self._db.execute("PRAGMA user_version").fetchone()

@@ -50,8 +50,11 @@ def case(
         hashlib.sha256,
     ).digest()
     t_aad = (
-        lp(b"faceseal/template/v1") + lp(gallery.encode()) + lp(subject_id.encode())
-        + lp(template_id.encode()) + lp(ver)
+        lp(b"faceseal/template/v1")
+        + lp(gallery.encode())
+        + lp(subject_id.encode())
+        + lp(template_id.encode())
+        + lp(ver)
     )
     s_aad = lp(b"faceseal/subject/v1") + lp(gallery.encode()) + lp(ref) + lp(template_id.encode()) + lp(ver)
     plaintext = struct.pack(f"<{len(encoding)}f", *encoding)

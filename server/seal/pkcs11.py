@@ -1,0 +1,412 @@
+"""The PKCS#11 seal: the KEK is a non-extractable AES-256 key object inside a token (an HSM).
+
+The daemon never holds the KEK. It asks the token to encrypt a 32-byte data key with
+``CKM_AES_GCM`` under the key object, passing a fresh random 96-bit IV and the caller's ``aad`` as
+GCM associated data, and stores::
+
+    format byte 0x11 | 12-byte IV | ciphertext + 16-byte tag
+
+Unwrapping asks the token to decrypt; a wrong ``aad``, another KEK or a flipped bit fails the
+GCM tag check inside the token. The format byte differs from the file seal's (0x01), so a key
+wrapped by another seal is reported as such rather than as tampering.
+
+The key object is found by token label and key label, and is refused unless it is an AES-256
+secret key with ``CKA_SENSITIVE`` true and ``CKA_EXTRACTABLE`` false: a token key an operator
+could export would defeat the point. :func:`create_kek` makes such a key.
+
+Session handling:
+
+* The module is loaded at construction (a missing or broken module is a configuration error),
+  but the token is only contacted on first use, so the daemon can start sealed while the HSM is
+  down and retry.
+* One session, guarded by a lock. When an operation fails because the session, the login or
+  the device went away, the seal reopens the session once and retries; a second failure is
+  ``SealUnreachable``.
+* PKCS#11 login is per application, not per session: when another session of this process is
+  already logged in to the token, the seal shares that login (and the PIN is not re-checked).
+  Closing a seal that logged in logs the whole process out; other seals then log in again.
+* A PIN the token refuses is not tried again by this seal object: the daemon's unseal loop
+  retries forever, and most HSMs lock the user PIN after a few wrong attempts. Fix the PIN file
+  and restart (or reload) to build a new seal.
+
+Error messages name the module, the token, the key label and the PKCS#11 error class, never the
+PIN. Some HSMs (FIPS mode) refuse a caller-chosen GCM IV; this seal needs a token that accepts it
+(SoftHSM2 does).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+
+import pkcs11
+from pkcs11 import (
+    Attribute,
+    GCMParams,
+    KeyType,
+    Mechanism,
+    MechanismFlag,
+    ObjectClass,
+    TokenFlag,
+)
+from pkcs11 import exceptions as p11e
+from pkcs11.types import DecryptMixin, EncryptMixin, Session, Token
+
+from faceseal.server.config import Pkcs11SealConfig
+from faceseal.server.seal.base import SealError, SealUnreachable
+
+if TYPE_CHECKING:
+    from pkcs11._pkcs11 import lib as Pkcs11Lib
+
+_FORMAT = b"\x11"
+_IV = 12
+_TAG = 16
+_KEY_BITS = 256
+_MAX_PIN_FILE = 4096
+
+_T = TypeVar("_T")
+
+# The session, its login or the device went away: reopening the session may help.
+_SESSION_LOST: tuple[type[p11e.PKCS11Error], ...] = (
+    p11e.SessionHandleInvalid,
+    p11e.SessionClosed,
+    p11e.ObjectHandleInvalid,
+    p11e.KeyHandleInvalid,
+    p11e.UserNotLoggedIn,
+    p11e.DeviceRemoved,
+    p11e.DeviceError,
+    p11e.DeviceMemory,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+)
+# The token did not answer or has no room for us now: retrying later may help.
+_UNREACHABLE: tuple[type[p11e.PKCS11Error], ...] = (
+    *_SESSION_LOST,
+    p11e.NoSuchToken,
+    p11e.SessionCount,
+    p11e.HostMemory,
+    p11e.FunctionFailed,
+    p11e.GeneralError,
+)
+_PIN_REFUSED: tuple[type[p11e.PKCS11Error], ...] = (
+    p11e.PinIncorrect,
+    p11e.PinInvalid,
+    p11e.PinLenRange,
+    p11e.PinLocked,
+    p11e.PinExpired,
+    p11e.UserPinNotInitialized,
+)
+
+
+def _lost(exc: p11e.PKCS11Error) -> bool:
+    # CKR_CRYPTOKI_NOT_INITIALIZED (the module was finalised under us) has no subclass of its own.
+    return isinstance(exc, _SESSION_LOST) or type(exc) is p11e.PKCS11Error
+
+
+def _name(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
+def read_pin(path: Path) -> str:
+    """The PIN in ``path`` (one trailing newline stripped); refused when group or others can read it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise SealError(f"cannot open the PIN file {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SealError(f"the PIN file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise SealError(
+                f"the PIN file {path} is readable by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+            )
+        data = os.read(fd, _MAX_PIN_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_PIN_FILE:
+        raise SealError(f"the PIN file {path} is too large to hold a PIN")
+    try:
+        pin = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SealError(f"the PIN file {path} is not UTF-8 text") from None
+    if pin.endswith("\r\n"):
+        pin = pin[:-2]
+    elif pin.endswith("\n"):
+        pin = pin[:-1]
+    if not pin:
+        raise SealError(f"the PIN file {path} is empty")
+    return pin
+
+
+def _load(module: Path) -> Pkcs11Lib:
+    """Load (or reuse) the PKCS#11 module; python-pkcs11 keeps one instance per path."""
+    try:
+        return pkcs11.lib(str(module))
+    except p11e.PKCS11Error as exc:
+        # The loader's message names the file and the dlopen error, nothing secret.
+        raise SealError(f"cannot load the PKCS#11 module {module}: {exc}") from None
+
+
+def _open_session(token: Token, pin: str, *, rw: bool) -> Session:
+    """Open a session logged in as the user, sharing the process's login if it already has one."""
+    try:
+        return token.open(rw=rw, user_pin=pin)
+    except p11e.UserAlreadyLoggedIn:
+        return token.open(rw=rw)
+
+
+@dataclass(frozen=True, slots=True)
+class _Handle:
+    session: Session
+    encrypt: EncryptMixin
+    decrypt: DecryptMixin
+
+
+class Pkcs11Seal:
+    """AES-256-GCM key wrapping by a non-extractable key object in a PKCS#11 token."""
+
+    def __init__(self, module: Path, token_label: str, key_label: str, pin: str, pin_file: Path) -> None:
+        self._module = module
+        self._token_label = token_label
+        self._key_label = key_label
+        self._pin = pin
+        self._pin_file = pin_file
+        self._lock = threading.Lock()
+        self._handle: _Handle | None = None
+        self._pin_refused: str | None = None
+        self._lib = _load(module)
+
+    @classmethod
+    def from_config(cls, cfg: Pkcs11SealConfig) -> Pkcs11Seal:
+        """Read the PIN file and load the module; the token is contacted on first use."""
+        return cls(cfg.module, cfg.token_label, cfg.key_label, read_pin(cfg.pin_file), cfg.pin_file)
+
+    # -- the Seal protocol ---------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return f"pkcs11:{self._module} token={self._token_label!r} key={self._key_label!r}"
+
+    def wrap(self, key: bytes, aad: bytes) -> bytes:
+        iv = os.urandom(_IV)
+
+        def encrypt(handle: _Handle) -> bytes:
+            out = handle.encrypt.encrypt(
+                key, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad, _TAG * 8)
+            )
+            if not isinstance(out, bytes) or len(out) != len(key) + _TAG:
+                raise SealError(f"{self._where()}: the token returned a malformed AES-GCM ciphertext")
+            return out
+
+        try:
+            ciphertext = self._call(encrypt)
+        except p11e.PKCS11Error as exc:
+            raise SealError(f"{self._where()}: the token refused to wrap a key ({_name(exc)})") from None
+        return _FORMAT + iv + ciphertext
+
+    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
+        if len(wrapped) < 1 + _IV + _TAG or wrapped[:1] != _FORMAT:
+            raise SealError("a wrapped key is malformed (or was wrapped by another kind of seal)")
+        iv, ciphertext = wrapped[1 : 1 + _IV], wrapped[1 + _IV :]
+
+        def decrypt(handle: _Handle) -> bytes:
+            out = handle.decrypt.decrypt(
+                ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad, _TAG * 8)
+            )
+            if not isinstance(out, bytes):
+                raise SealError(f"{self._where()}: the token returned a malformed plaintext")
+            return out
+
+        try:
+            return self._call(decrypt)
+        except p11e.PKCS11Error:
+            # SoftHSM2 reports a failed GCM tag as CKR_GENERAL_ERROR, others as
+            # CKR_ENCRYPTED_DATA_INVALID or CKR_FUNCTION_FAILED: all mean "does not open".
+            raise SealError(
+                f"{self._where()}: the HSM key does not open this keyring "
+                "(wrong key or token, or the keyring was altered)"
+            ) from None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the session (logging out if this seal logged in). The next call reopens it."""
+        with self._lock:
+            self._drop()
+
+    def __repr__(self) -> str:
+        return (
+            f"Pkcs11Seal(module={str(self._module)!r}, token_label={self._token_label!r}, "
+            f"key_label={self._key_label!r}, pin_file={str(self._pin_file)!r})"
+        )
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a seal holds a PIN and is not serialisable")
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"PKCS#11 token {self._token_label!r} key {self._key_label!r}"
+
+    def _call(self, operation: Callable[[_Handle], _T]) -> _T:
+        """Run ``operation`` on the session, reopening it once if it was lost.
+
+        Raises SealError/SealUnreachable for session trouble; other PKCS11Errors propagate for the
+        caller to describe.
+        """
+        with self._lock:
+            for attempt in (1, 2):
+                handle = self._handle or self._open()
+                try:
+                    return operation(handle)
+                except p11e.PKCS11Error as exc:
+                    if not _lost(exc):
+                        raise
+                    self._drop()
+                    if attempt == 2:
+                        raise SealUnreachable(
+                            f"{self._where()}: the token stopped answering ({_name(exc)}); will retry"
+                        ) from None
+        raise AssertionError("unreachable")
+
+    def _open(self) -> _Handle:
+        """Open a session and find the KEK. Called with the lock held."""
+        if self._pin_refused is not None:
+            raise SealError(self._pin_refused)
+        try:
+            lib = pkcs11.lib(str(self._module))  # the cached instance, initialised again if needed
+            token = lib.get_token(token_label=self._token_label)
+        except p11e.MultipleTokensReturned:
+            raise SealError(
+                f"more than one PKCS#11 token is labelled {self._token_label!r} in {self._module}"
+            ) from None
+        except p11e.NoSuchToken:
+            raise SealUnreachable(
+                f"no PKCS#11 token labelled {self._token_label!r} in {self._module} (not plugged in, "
+                "not initialised, or the label is wrong); will retry"
+            ) from None
+        except p11e.PKCS11Error as exc:
+            raise SealUnreachable(
+                f"the PKCS#11 module {self._module} cannot list its tokens ({_name(exc)}); will retry"
+            ) from None
+        try:
+            if token.flags & TokenFlag.USER_PIN_LOCKED:
+                self._refuse_pin("the token has locked its user PIN; an officer must unlock it")
+            session = _open_session(token, self._pin, rw=False)
+        except _PIN_REFUSED as exc:
+            self._refuse_pin(f"the token refused the PIN from {self._pin_file} ({_name(exc)})")
+        except p11e.PKCS11Error as exc:
+            raise SealUnreachable(
+                f"{self._where()}: cannot open a session ({_name(exc)}); will retry"
+            ) from None
+        try:
+            handle = self._find_kek(session)
+        except BaseException:
+            _close_quietly(session)
+            raise
+        self._handle = handle
+        return handle
+
+    def _find_kek(self, session: Session) -> _Handle:
+        try:
+            key = session.get_key(object_class=ObjectClass.SECRET_KEY, label=self._key_label)
+            attrs = key.get_attributes(
+                [Attribute.KEY_TYPE, Attribute.VALUE_LEN, Attribute.SENSITIVE, Attribute.EXTRACTABLE]
+            )
+        except p11e.NoSuchKey:
+            raise SealError(f"{self._where()}: no secret key with this label in the token") from None
+        except p11e.MultipleObjectsReturned:
+            raise SealError(f"{self._where()}: more than one secret key has this label") from None
+        except p11e.PKCS11Error as exc:
+            if _lost(exc) or isinstance(exc, _UNREACHABLE):
+                raise SealUnreachable(
+                    f"{self._where()}: cannot read the key ({_name(exc)}); will retry"
+                ) from None
+            raise SealError(f"{self._where()}: cannot read the key ({_name(exc)})") from None
+        if attrs.get(Attribute.KEY_TYPE) != KeyType.AES or attrs.get(Attribute.VALUE_LEN) != _KEY_BITS // 8:
+            raise SealError(f"{self._where()}: the key is not an AES-256 key")
+        if attrs.get(Attribute.SENSITIVE) is not True or attrs.get(Attribute.EXTRACTABLE) is not False:
+            raise SealError(
+                f"{self._where()}: the key is extractable or not sensitive; the seal only uses a key "
+                "that cannot leave the token (make one with faceseal.server.seal.pkcs11.create_kek)"
+            )
+        if not isinstance(key, EncryptMixin) or not isinstance(key, DecryptMixin):
+            raise SealError(f"{self._where()}: the key is not allowed to encrypt and decrypt")
+        return _Handle(session, key, key)
+
+    def _refuse_pin(self, why: str) -> NoReturn:
+        self._pin_refused = (
+            f"{self._where()}: {why}; not trying the PIN again (it could lock the token): "
+            "fix the PIN file and restart the daemon"
+        )
+        raise SealError(self._pin_refused)
+
+    def _drop(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            _close_quietly(handle.session)
+
+
+def _close_quietly(session: Session) -> None:
+    try:
+        session.close()
+    except p11e.PKCS11Error:
+        pass  # the session or the device is already gone
+
+
+def create_kek(module: Path | str, token_label: str, key_label: str, pin: str) -> None:
+    """Generate the seal's KEK in the token: AES-256, sensitive, never extractable, encrypt/decrypt only.
+
+    Refuses when a secret key with ``key_label`` already exists (a second key with the same label
+    would make the seal's lookup ambiguous, and replacing one would orphan every keyring it wraps).
+    Raises SealError; messages never contain the PIN.
+    """
+    module = Path(module)
+    where = f"PKCS#11 token {token_label!r} key {key_label!r}"
+    lib = _load(module)
+    try:
+        token = lib.get_token(token_label=token_label)
+    except p11e.PKCS11Error as exc:
+        raise SealError(f"cannot find the PKCS#11 token {token_label!r} in {module} ({_name(exc)})") from None
+    try:
+        session = _open_session(token, pin, rw=True)
+    except p11e.PKCS11Error as exc:
+        raise SealError(f"{where}: cannot log in to the token ({_name(exc)})") from None
+    try:
+        existing = list(
+            session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_label})
+        )
+        if existing:
+            raise SealError(f"{where}: a secret key with this label already exists; not creating another")
+        session.generate_key(
+            KeyType.AES,
+            _KEY_BITS,
+            label=key_label,
+            store=True,
+            capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+            template={
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.ENCRYPT: True,
+                Attribute.DECRYPT: True,
+                Attribute.WRAP: False,
+                Attribute.UNWRAP: False,
+                Attribute.SIGN: False,
+                Attribute.VERIFY: False,
+                Attribute.DERIVE: False,
+            },
+        )
+    except p11e.PKCS11Error as exc:
+        raise SealError(f"{where}: the token refused to create the key ({_name(exc)})") from None
+    finally:
+        _close_quietly(session)

@@ -1,0 +1,375 @@
+"""Distances, the in-memory gallery and request validation: the answers Match and Identify give.
+
+Every expected answer here comes from a plain numpy reference written in this file, never from
+the code under test: identify must return what a brute-force search over every template would.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from faceseal.server import validation
+from faceseal.server.config import GalleryConfig
+from faceseal.server.errors import IntegrityError, InvalidArgument, NotFound
+from faceseal.server.gallery.memory import Gallery
+from faceseal.server.matching import distance
+
+METRICS = ["euclidean", "cosine"]
+
+
+def _ref_distance(row: np.ndarray, probe: np.ndarray, metric: str) -> float:
+    """The definition, one pair at a time, in float64."""
+    a, p = row.astype(np.float64), probe.astype(np.float64)
+    if metric == "euclidean":
+        return float(np.sqrt(np.sum((a - p) ** 2)))
+    return float(1.0 - np.dot(a, p) / (np.sqrt(np.dot(a, a)) * np.sqrt(np.dot(p, p))))
+
+
+# -- distance ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("seed", range(5))
+def test_exact_distance_matches_numpy(metric: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    dim = int(rng.integers(2, 513))
+    rows = (rng.standard_normal((40, dim)) * rng.uniform(0.01, 10)).astype(np.float32)
+    probe = rng.standard_normal(dim).astype(np.float32)
+    got = distance.exact(rows, probe, metric)  # type: ignore[arg-type]
+    assert got.dtype == np.float64
+    want = np.array([_ref_distance(r, probe, metric) for r in rows])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_cosine_distance_landmarks() -> None:
+    p = np.array([3.0, 4.0, 0.0], dtype=np.float32)
+    rows = np.array([[6, 8, 0], [-3, -4, 0], [0, 0, 5], [4, -3, 0]], dtype=np.float32)
+    np.testing.assert_allclose(distance.exact(rows, p, "cosine"), [0.0, 2.0, 1.0, 1.0], atol=1e-12)
+    np.testing.assert_allclose(distance.exact(rows, p, "euclidean"), [5.0, 10.0, np.sqrt(50), np.sqrt(50)])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_approximate_score_orders_rows_like_the_exact_distance(metric: str) -> None:
+    rng = np.random.default_rng(11)
+    rows = rng.standard_normal((300, 64)).astype(np.float32)
+    probe = rng.standard_normal(64).astype(np.float32)
+    sq = np.einsum("ij,ij->i", rows, rows).astype(np.float32)
+    approx = distance.approximate(rows, sq, probe, metric)  # type: ignore[arg-type]
+    exact = np.array([_ref_distance(r, probe, metric) for r in rows])
+    assert list(np.argsort(approx, kind="stable")) == list(np.argsort(exact, kind="stable"))
+
+
+@pytest.mark.parametrize("k", [1, 5, 49, 50, 51, 500])
+def test_shortlist_is_the_k_smallest(k: int) -> None:
+    scores = np.random.default_rng(k).permutation(50).astype(np.float32)
+    got = distance.shortlist(scores, k)
+    assert sorted(got.tolist()) == sorted(np.argsort(scores)[: min(k, 50)].tolist())
+
+
+# -- the gallery ----------------------------------------------------------------------------------
+
+
+def _cfg(metric: str = "euclidean", dim: int = 4, threshold: float = 0.6) -> GalleryConfig:
+    return GalleryConfig(name="g", dimension=dim, metric=metric, threshold=threshold)  # type: ignore[arg-type]
+
+
+def _ref(sid: str) -> bytes:
+    return b"ref:" + sid.encode()
+
+
+def test_match_takes_the_smallest_distance_over_a_subjects_templates() -> None:
+    g = Gallery(_cfg())
+    probe = np.array([1, 0, 0, 0], dtype=np.float32)
+    # Offsets along orthogonal axes: euclidean distances 0.5, 0.25 and 0.75 from the probe.
+    for i, (axis, length) in enumerate([(1, 0.5), (2, 0.25), (3, 0.75)]):
+        t = probe.copy()
+        t[axis] += length
+        g.add("alice", f"t{i}", t, subject_ref=_ref("alice"))
+    g.add(
+        "bob", "tb", probe, subject_ref=_ref("bob")
+    )  # a perfect match for someone else must not leak into alice's answer
+    assert g.match("alice", _ref("alice"), probe) == pytest.approx(0.25, abs=1e-7)
+    assert g.match("bob", _ref("bob"), probe) == 0.0
+    assert g.template_count("alice") == 3
+    assert g.size() == (2, 4)
+
+
+def test_match_unknown_subject_is_not_found() -> None:
+    g = Gallery(_cfg())
+    g.add("alice", "t", np.ones(4, dtype=np.float32), subject_ref=_ref("alice"))
+    with pytest.raises(NotFound):
+        g.match("bob", _ref("bob"), np.ones(4, dtype=np.float32))
+
+
+def test_remove_then_match_is_not_found_and_others_survive_the_row_swap() -> None:
+    rng = np.random.default_rng(3)
+    g = Gallery(_cfg(dim=8), capacity=2)  # small, so the matrix grows as well
+    templates = {
+        f"s{i}": [rng.standard_normal(8).astype(np.float32) for _ in range(i % 3 + 1)] for i in range(6)
+    }
+    for sid, ts in templates.items():
+        for j, t in enumerate(ts):
+            g.add(sid, f"{sid}-{j}", t, subject_ref=_ref(sid))
+    g.remove("s1", _ref("s1"))  # rows in the middle: the last rows move into the holes
+    g.remove("s0", _ref("s0"))
+    for sid in ("s0", "s1"):
+        with pytest.raises(NotFound):
+            g.match(sid, _ref(sid), templates[sid][0])
+        assert g.template_count(sid) == 0
+    for sid in ("s2", "s3", "s4", "s5"):
+        for t in templates[sid]:
+            assert g.match(sid, _ref(sid), t) == 0.0, sid
+    remaining = {k: v for k, v in templates.items() if k not in ("s0", "s1")}
+    assert g.size() == (len(remaining), sum(len(v) for v in remaining.values()))
+    assert all(h.subject_id not in ("s0", "s1") for h in g.identify(templates["s0"][0], top_k=10))
+
+
+def test_add_with_replace_drops_the_old_templates() -> None:
+    g = Gallery(_cfg())
+    old = np.array([1, 0, 0, 0], dtype=np.float32)
+    new = np.array([0, 1, 0, 0], dtype=np.float32)
+    g.add("alice", "t1", old, subject_ref=_ref("alice"))
+    g.add("alice", "t2", old, subject_ref=_ref("alice"))
+    g.add("alice", "t3", new, replace=True, subject_ref=_ref("alice"))
+    assert g.template_count("alice") == 1
+    assert g.match("alice", _ref("alice"), new) == 0.0
+    assert g.match("alice", _ref("alice"), old) == pytest.approx(np.sqrt(2))
+
+
+def test_poisoned_subject_answers_integrity_error_until_removed() -> None:
+    g = Gallery(_cfg())
+    t = np.ones(4, dtype=np.float32)
+    g.add("alice", "t1", t, subject_ref=_ref("alice"))  # one template opened, another failed: still poisoned
+    g.poison(_ref("alice"))
+    g.poison(_ref("ghost"))  # every row failed: no templates at all
+    with pytest.raises(IntegrityError):
+        g.match("alice", _ref("alice"), t)
+    with pytest.raises(IntegrityError):
+        g.match("ghost", _ref("ghost"), t)
+    g.add("bob", "tb", t, subject_ref=_ref("bob"))
+    assert g.match("bob", _ref("bob"), t) == 0.0  # the alarm is per subject
+    g.remove("alice", _ref("alice"))
+    with pytest.raises(NotFound):
+        g.match("alice", _ref("alice"), t)
+    g.clear_poison(_ref("ghost"))
+    with pytest.raises(NotFound):
+        g.match("ghost", _ref("ghost"), t)
+
+
+def test_identify_on_an_empty_gallery_is_empty() -> None:
+    assert Gallery(_cfg()).identify(np.ones(4, dtype=np.float32), top_k=5) == []
+
+
+def _brute_force(
+    subjects: dict[str, list[np.ndarray]], probe: np.ndarray, metric: str, threshold: float, top_k: int
+) -> list[tuple[str, float]]:
+    best = {sid: min(_ref_distance(t, probe, metric) for t in ts) for sid, ts in subjects.items() if ts}
+    within = sorted(((d, sid) for sid, d in best.items() if d <= threshold))
+    return [(sid, d) for d, sid in within[:top_k]]
+
+
+def _check_identify(
+    g: Gallery, subjects: dict[str, list[np.ndarray]], probe: np.ndarray, top_k: int, context: str
+) -> None:
+    got = g.identify(probe, top_k)
+    want = _brute_force(subjects, probe, g.config.metric, g.config.threshold, top_k)
+    assert [h.subject_id for h in got] == [sid for sid, _ in want], context
+    np.testing.assert_allclose([h.distance for h in got], [d for _, d in want], rtol=1e-9, err_msg=context)
+    assert all(h.distance <= g.config.threshold for h in got)
+    assert [h.distance for h in got] == sorted(h.distance for h in got)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_identify_equals_brute_force_on_random_galleries(metric: str) -> None:
+    rng = np.random.default_rng(2024)
+    for trial in range(12):
+        dim = int(rng.integers(3, 40))
+        n_subjects = int(rng.integers(1, 80))
+        centres = rng.standard_normal((n_subjects, dim))
+        subjects: dict[str, list[np.ndarray]] = {}
+        rows = []
+        for i in range(n_subjects):
+            sid = f"s{i:03d}"
+            count = int(rng.integers(1, 6))
+            subjects[sid] = [
+                (centres[i] + 0.3 * rng.standard_normal(dim)).astype(np.float32) for _ in range(count)
+            ]
+            rows += subjects[sid]
+        probes = [
+            (centres[int(rng.integers(n_subjects))] + 0.2 * rng.standard_normal(dim)).astype(np.float32)
+            for _ in range(4)
+        ]
+        probes.append(rng.standard_normal(dim).astype(np.float32))
+        # A threshold at a quantile of all distances, so some but not all templates are within it.
+        all_d = [_ref_distance(r, probes[0], metric) for r in rows]
+        threshold = float(np.quantile(all_d, rng.uniform(0.05, 0.9)))
+        g = Gallery(_cfg(metric, dim, threshold), capacity=int(rng.integers(1, 64)))
+        order = [(sid, j) for sid, ts in subjects.items() for j in range(len(ts))]
+        rng.shuffle(order)  # interleave subjects' rows, so removals swap rows of other subjects
+        for sid, j in order:
+            g.add(sid, f"{sid}-{j}", subjects[sid][j], subject_ref=_ref(sid))
+        for top_k in (1, 3, 10, 100):
+            for p, probe in enumerate(probes):
+                _check_identify(g, subjects, probe, top_k, f"trial {trial} top_k {top_k} probe {p}")
+        # Remove a third of the subjects and replace a few others, then ask again.
+        for sid in list(subjects)[::3]:
+            g.remove(sid, _ref(sid))
+            del subjects[sid]
+        for sid in list(subjects)[1::4]:
+            fresh = (centres[int(sid[1:])] + 0.3 * rng.standard_normal(dim)).astype(np.float32)
+            g.add(sid, f"{sid}-new", fresh, replace=True, subject_ref=_ref(sid))
+            subjects[sid] = [fresh]
+        for top_k in (1, 5, 100):
+            for p, probe in enumerate(probes):
+                _check_identify(
+                    g, subjects, probe, top_k, f"trial {trial} after removals top_k {top_k} probe {p}"
+                )
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_identify_finds_other_subjects_behind_one_with_many_close_templates(metric: str) -> None:
+    """One subject owning the whole short list must not hide the runners-up."""
+    rng = np.random.default_rng(5)
+    dim = 32
+    probe = rng.standard_normal(dim).astype(np.float32)
+    subjects: dict[str, list[np.ndarray]] = {
+        "crowd": [(probe + 0.01 * rng.standard_normal(dim)).astype(np.float32) for _ in range(200)]
+    }
+    for i in range(30):
+        subjects[f"other{i:02d}"] = [
+            (probe + (0.05 + 0.01 * i) * rng.standard_normal(dim)).astype(np.float32)
+        ]
+    for i in range(300):
+        subjects[f"far{i:03d}"] = [rng.standard_normal(dim).astype(np.float32) * 3]
+    threshold = max(_ref_distance(subjects["other29"][0], probe, metric) * 1.01, 1e-6)
+    g = Gallery(_cfg(metric, dim, threshold))
+    for sid, ts in subjects.items():
+        for j, t in enumerate(ts):
+            g.add(sid, f"{sid}-{j}", t, subject_ref=_ref(sid))
+    for top_k in (1, 2, 5, 20, 31, 50):
+        _check_identify(g, subjects, probe, top_k, f"top_k {top_k}")
+
+
+def test_identify_ties_are_deterministic() -> None:
+    g = Gallery(_cfg(dim=2, threshold=2.0))
+    probe = np.array([0, 0.5], dtype=np.float32)
+    for sid in ("c", "a", "b"):
+        g.add(sid, sid, np.array([1, 0.5], dtype=np.float32), subject_ref=_ref(sid))
+    assert [h.subject_id for h in g.identify(probe, top_k=2)] == ["a", "b"]
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+# Values distinctive enough that a message echoing them would show it.
+SECRETISH = 0.7316259
+
+
+def _no_echo(message: str, *values: object) -> None:
+    for v in values:
+        assert str(v) not in message, message
+        assert repr(v) not in message, message
+
+
+def test_vector_accepts_a_good_vector() -> None:
+    values = [SECRETISH, -1.5, 0.0, 2.25]
+    arr = validation.vector(values, 4, "probe")
+    assert arr.dtype == np.float32
+    np.testing.assert_array_equal(arr, np.array(values, dtype=np.float32))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param([SECRETISH] * 3, id="short"),
+        pytest.param([SECRETISH] * 5, id="long"),
+        pytest.param([], id="empty"),
+        pytest.param([SECRETISH, float("nan"), 1.0, 1.0], id="nan"),
+        pytest.param([SECRETISH, 1.0, 1.0, float("inf")], id="+inf"),
+        pytest.param([float("-inf"), SECRETISH, 1.0, 1.0], id="-inf"),
+        pytest.param([0.0, 0.0, 0.0, 0.0], id="zeros"),
+        pytest.param([-0.0, 0.0, -0.0, 0.0], id="signed-zeros"),
+    ],
+)
+def test_vector_rejects_without_echoing(values: list[float]) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validation.vector(values, 4, "probe")
+    message = str(info.value)
+    assert "probe" in message  # says which field
+    _no_echo(message, SECRETISH, np.float32(SECRETISH), "0.731", "[")
+
+
+@pytest.mark.parametrize("value", ["a", "A-z_0.9:@", "user@example.org", "E-0042:badge.7", "x" * 128])
+def test_subject_id_accepts(value: str) -> None:
+    assert validation.subject_id(value) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "x" * 129,
+        "é",
+        "zoë",
+        "\uff46\uff55\uff4c\uff4c",  # fullwidth "full"
+        "١٢٣",
+        "a b",
+        "x'; DROP TABLE templates; --",
+        "a\n",
+        "\na",
+        "a\x00b",
+        "a/b",
+        "a\\b",
+        "a,b",
+        "${jndi:ldap://x}",
+        "*",
+    ],
+)
+def test_subject_id_rejects_without_echoing(value: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validation.subject_id(value)
+    message = str(info.value)
+    for fragment in (value.strip(), "DROP", "jndi", "zoë"):
+        if fragment and len(fragment) > 1:
+            assert fragment not in message, message
+
+
+@pytest.mark.parametrize("value", ["", "-faces", "a b", "x" * 65, "fäces", "faces/../x"])
+def test_gallery_name_rejects(value: str) -> None:
+    with pytest.raises(InvalidArgument):
+        validation.gallery_name(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"), [(0, False), (-1, False), (1, True), (100, True), (101, False), (987654, False)]
+)
+def test_top_k_bounds(value: int, ok: bool) -> None:
+    if ok:
+        assert validation.top_k(value, 100) == value
+        return
+    with pytest.raises(InvalidArgument) as info:
+        validation.top_k(value, 100)
+    if abs(value) > 1:
+        assert str(value) not in str(info.value)
+
+
+def test_every_subject_id_character_class_boundary() -> None:
+    allowed = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@-")
+    for code in itertools.chain(range(0, 0x180), [0x2024, 0xFF0E, 0x1D7CE]):
+        ch = chr(code)
+        if ch in allowed:
+            assert validation.subject_id(ch) == ch
+        else:
+            with pytest.raises(InvalidArgument):
+                validation.subject_id(ch)
+
+
+def test_identify_never_returns_a_poisoned_subject() -> None:
+    g = Gallery(GalleryConfig("g", 2, "euclidean", 0.5))
+    t = np.array([1.0, 0.0], dtype=np.float32)
+    g.add("alice", "t1", t, subject_ref=_ref("alice"))
+    g.add("bob", "t2", t + 0.01, subject_ref=_ref("bob"))
+    g.poison(_ref("alice"))  # another row of alice's failed to open at unseal
+    assert [h.subject_id for h in g.identify(t, 5)] == ["bob"]
