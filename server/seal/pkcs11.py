@@ -4,68 +4,69 @@ The daemon never holds the KEK. It asks the token to encrypt a 32-byte data key 
 ``CKM_AES_GCM`` under the key object, passing a fresh random 96-bit IV and the caller's ``aad`` as
 GCM associated data, and stores::
 
-    format byte 0x11 | 12-byte IV | ciphertext + 16-byte tag
+    format byte 0x11 | KEK version (4 bytes, big-endian) | 12-byte IV | ciphertext + 16-byte tag
 
-Unwrapping asks the token to decrypt; a wrong ``aad``, another KEK or a flipped bit fails the
-GCM tag check inside the token. The format byte differs from the file seal's (0x01), so a key
-wrapped by another seal is reported as such rather than as tampering.
+Unwrapping asks the token to decrypt with the KEK version the wrapped key names; a wrong ``aad``,
+another KEK or a flipped bit fails the GCM tag check inside the token. The format byte differs
+from the file and Transit seals', so a key wrapped by another kind of seal is reported as such.
 
-The key object is found by token label and key label, and is refused unless it is an AES-256
-secret key with ``CKA_SENSITIVE`` true and ``CKA_EXTRACTABLE`` false: a token key an operator
-could export would defeat the point. :func:`create_kek` makes such a key.
+KEK versions are secret-key objects that share the configured key label and carry their version
+number in ``CKA_ID`` (4 bytes, big-endian; :func:`create_kek` makes version 1). ``wrap`` uses the
+highest version. ``rotate`` generates the next version in the token; ``retire_previous``
+destroys every lower one, which is what makes crypto-shredding reach old backups. Every version
+must be an AES-256 key with ``CKA_SENSITIVE`` true and ``CKA_EXTRACTABLE`` false, allowed to
+encrypt and decrypt; the seal refuses any other key under its label (a KEK an operator could
+export would defeat the point). An operator creating the key with another tool must set these
+attributes and ``CKA_ID`` = ``00000001``.
 
 Session handling:
 
 * The module is loaded at construction (a missing or broken module is a configuration error),
   but the token is only contacted on first use, so the daemon can start sealed while the HSM is
   down and retry.
-* One session, guarded by a lock. When an operation fails because the session, the login or
-  the device went away, the seal reopens the session once and retries; a second failure is
-  ``SealUnreachable``.
+* One read-only session, guarded by a lock (rotation and retirement open a short read/write
+  session beside it). When an operation fails because the session, the login or the device went
+  away, the seal reopens the session once and retries; a second failure is ``SealUnreachable``.
 * PKCS#11 login is per application, not per session: when another session of this process is
   already logged in to the token, the seal shares that login (and the PIN is not re-checked).
   Closing a seal that logged in logs the whole process out; other seals then log in again.
 * A PIN the token refuses is not tried again by this seal object: the daemon's unseal loop
   retries forever, and most HSMs lock the user PIN after a few wrong attempts. Fix the PIN file
-  and restart (or reload) to build a new seal.
+  and restart the daemon to build a new seal.
 
 Error messages name the module, the token, the key label and the PKCS#11 error class, never the
-PIN. Some HSMs (FIPS mode) refuse a caller-chosen GCM IV; this seal needs a token that accepts it
-(SoftHSM2 does).
+PIN. Some HSMs (FIPS mode) refuse a caller-chosen GCM IV; this seal needs a token that accepts
+one (SoftHSM2 does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import struct
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import pkcs11
-from pkcs11 import (
-    Attribute,
-    GCMParams,
-    KeyType,
-    Mechanism,
-    MechanismFlag,
-    ObjectClass,
-    TokenFlag,
-)
+from pkcs11 import Attribute, GCMParams, KeyType, Mechanism, MechanismFlag, ObjectClass, TokenFlag
 from pkcs11 import exceptions as p11e
-from pkcs11.types import DecryptMixin, EncryptMixin, Session, Token
+from pkcs11.types import DecryptMixin, EncryptMixin, Object, Session, Token
 
 from faceseal.server.config import Pkcs11SealConfig
 from faceseal.server.seal.base import SealError, SealUnreachable
 
 if TYPE_CHECKING:
-    from pkcs11._pkcs11 import lib as Pkcs11Lib
+    from pkcs11._pkcs11 import lib as Pkcs11Lib  # noqa: N812 (the class is lowercase upstream)
 
 _FORMAT = b"\x11"
+_VERSION = struct.Struct(">I")
 _IV = 12
 _TAG = 16
+_HEADER = 1 + _VERSION.size + _IV
 _KEY_BITS = 256
 _MAX_PIN_FILE = 4096
 
@@ -84,10 +85,8 @@ _SESSION_LOST: tuple[type[p11e.PKCS11Error], ...] = (
     p11e.TokenNotPresent,
     p11e.TokenNotRecognised,
 )
-# The token did not answer or has no room for us now: retrying later may help.
-_UNREACHABLE: tuple[type[p11e.PKCS11Error], ...] = (
-    *_SESSION_LOST,
-    p11e.NoSuchToken,
+# The token cannot serve us right now: retrying later may work.
+_BUSY: tuple[type[p11e.PKCS11Error], ...] = (
     p11e.SessionCount,
     p11e.HostMemory,
     p11e.FunctionFailed,
@@ -101,6 +100,13 @@ _PIN_REFUSED: tuple[type[p11e.PKCS11Error], ...] = (
     p11e.PinExpired,
     p11e.UserPinNotInitialized,
 )
+_KEK_ATTRIBUTES = [
+    Attribute.ID,
+    Attribute.KEY_TYPE,
+    Attribute.VALUE_LEN,
+    Attribute.SENSITIVE,
+    Attribute.EXTRACTABLE,
+]
 
 
 def _lost(exc: p11e.PKCS11Error) -> bool:
@@ -145,10 +151,16 @@ def read_pin(path: Path) -> str:
     return pin
 
 
-def _load(module: Path) -> Pkcs11Lib:
-    """Load (or reuse) the PKCS#11 module; python-pkcs11 keeps one instance per path."""
+def _module_key(module: Path | str) -> str:
+    # python-pkcs11 keeps one initialised instance per path string, and a second C_Initialize of
+    # the same library fails: name the module the same way however the config spelled it.
+    return os.path.realpath(module)
+
+
+def _load(module: Path | str) -> Pkcs11Lib:
+    """Load (or reuse) the PKCS#11 module."""
     try:
-        return pkcs11.lib(str(module))
+        return pkcs11.lib(_module_key(module))
     except p11e.PKCS11Error as exc:
         # The loader's message names the file and the dlopen error, nothing secret.
         raise SealError(f"cannot load the PKCS#11 module {module}: {exc}") from None
@@ -162,15 +174,85 @@ def _open_session(token: Token, pin: str, *, rw: bool) -> Session:
         return token.open(rw=rw)
 
 
+def _close_quietly(session: Session) -> None:
+    with contextlib.suppress(p11e.PKCS11Error):  # the session or the device is already gone
+        session.close()
+
+
+def _find_objects(session: Session, key_label: str) -> list[Object]:
+    return list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_label}))
+
+
+def _version_of(obj: Object, where: str) -> int:
+    """The KEK version of one key object under the seal's label, after checking it qualifies."""
+    attrs = obj.get_attributes(_KEK_ATTRIBUTES)
+    key_id = attrs.get(Attribute.ID)
+    if not isinstance(key_id, bytes) or len(key_id) != _VERSION.size or _VERSION.unpack(key_id)[0] == 0:
+        raise SealError(
+            f"{where}: a key with this label has no version in CKA_ID (4 bytes, big-endian, from 1); "
+            "create keys with faceseal.server.seal.pkcs11.create_kek"
+        )
+    version: int = _VERSION.unpack(key_id)[0]
+    if attrs.get(Attribute.KEY_TYPE) != KeyType.AES or attrs.get(Attribute.VALUE_LEN) != _KEY_BITS // 8:
+        raise SealError(f"{where}: KEK version {version} is not an AES-256 key")
+    if attrs.get(Attribute.SENSITIVE) is not True or attrs.get(Attribute.EXTRACTABLE) is not False:
+        raise SealError(
+            f"{where}: KEK version {version} is extractable or not sensitive; the seal only uses a key "
+            "that cannot leave the token"
+        )
+    return version
+
+
+def _versions(session: Session, key_label: str, where: str) -> dict[int, Object]:
+    found: dict[int, Object] = {}
+    for obj in _find_objects(session, key_label):
+        version = _version_of(obj, where)
+        if version in found:
+            raise SealError(f"{where}: two keys carry KEK version {version}")
+        found[version] = obj
+    return found
+
+
+def _generate(session: Session, key_label: str, version: int) -> None:
+    session.generate_key(
+        KeyType.AES,
+        _KEY_BITS,
+        id=_VERSION.pack(version),
+        label=key_label,
+        store=True,
+        capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+        template={
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.ENCRYPT: True,
+            Attribute.DECRYPT: True,
+            Attribute.WRAP: False,
+            Attribute.UNWRAP: False,
+            Attribute.SIGN: False,
+            Attribute.VERIFY: False,
+            Attribute.DERIVE: False,
+        },
+    )
+
+
 @dataclass(frozen=True, slots=True)
-class _Handle:
-    session: Session
+class _Kek:
     encrypt: EncryptMixin
     decrypt: DecryptMixin
 
 
+@dataclass(slots=True)
+class _Handle:
+    """The open session and the KEK versions found through it."""
+
+    session: Session
+    keks: dict[int, _Kek] = field(default_factory=dict)
+
+
 class Pkcs11Seal:
-    """AES-256-GCM key wrapping by a non-extractable key object in a PKCS#11 token."""
+    """AES-256-GCM key wrapping by non-extractable key objects in a PKCS#11 token."""
 
     def __init__(self, module: Path, token_label: str, key_label: str, pin: str, pin_file: Path) -> None:
         self._module = module
@@ -181,7 +263,7 @@ class Pkcs11Seal:
         self._lock = threading.Lock()
         self._handle: _Handle | None = None
         self._pin_refused: str | None = None
-        self._lib = _load(module)
+        _load(module)
 
     @classmethod
     def from_config(cls, cfg: Pkcs11SealConfig) -> Pkcs11Seal:
@@ -197,26 +279,36 @@ class Pkcs11Seal:
         iv = os.urandom(_IV)
 
         def encrypt(handle: _Handle) -> bytes:
-            out = handle.encrypt.encrypt(
+            version = max(handle.keks)
+            out = handle.keks[version].encrypt.encrypt(
                 key, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad, _TAG * 8)
             )
             if not isinstance(out, bytes) or len(out) != len(key) + _TAG:
                 raise SealError(f"{self._where()}: the token returned a malformed AES-GCM ciphertext")
-            return out
+            return _FORMAT + _VERSION.pack(version) + iv + out
 
         try:
-            ciphertext = self._call(encrypt)
+            return self._call(encrypt)
         except p11e.PKCS11Error as exc:
             raise SealError(f"{self._where()}: the token refused to wrap a key ({_name(exc)})") from None
-        return _FORMAT + iv + ciphertext
 
     def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
-        if len(wrapped) < 1 + _IV + _TAG or wrapped[:1] != _FORMAT:
+        if len(wrapped) < _HEADER + _TAG or wrapped[:1] != _FORMAT:
             raise SealError("a wrapped key is malformed (or was wrapped by another kind of seal)")
-        iv, ciphertext = wrapped[1 : 1 + _IV], wrapped[1 + _IV :]
+        (version,) = _VERSION.unpack_from(wrapped, 1)
+        iv, ciphertext = wrapped[1 + _VERSION.size : _HEADER], wrapped[_HEADER:]
 
         def decrypt(handle: _Handle) -> bytes:
-            out = handle.decrypt.decrypt(
+            kek = handle.keks.get(version)
+            if kek is None:  # perhaps another daemon on this token rotated: look again, once
+                self._rescan(handle)
+                kek = handle.keks.get(version)
+            if kek is None:
+                raise SealError(
+                    f"{self._where()}: a wrapped key names KEK version {version}, which the token "
+                    "does not hold (retired, or another key label)"
+                )
+            out = kek.decrypt.decrypt(
                 ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad, _TAG * 8)
             )
             if not isinstance(out, bytes):
@@ -231,6 +323,43 @@ class Pkcs11Seal:
             raise SealError(
                 f"{self._where()}: the HSM key does not open this keyring "
                 "(wrong key or token, or the keyring was altered)"
+            ) from None
+
+    def rotate(self) -> None:
+        """Generate the next KEK version in the token; ``wrap`` uses it from now on."""
+
+        def generate(handle: _Handle) -> None:
+            with self._rw_session(handle) as rw:
+                current = _versions(rw, self._key_label, self._where())
+                _generate(rw, self._key_label, max(current, default=0) + 1)
+            self._rescan(handle)
+
+        try:
+            self._call(generate)
+        except p11e.PKCS11Error as exc:
+            raise SealError(
+                f"{self._where()}: the token refused to create a KEK version ({_name(exc)})"
+            ) from None
+
+    def retire_previous(self) -> None:
+        """Destroy every KEK version but the newest. Idempotent: after a crash, call it again."""
+
+        def destroy(handle: _Handle) -> None:
+            with self._rw_session(handle) as rw:
+                current = _versions(rw, self._key_label, self._where())
+                if not current:
+                    raise SealError(f"{self._where()}: no KEK in the token")
+                newest = max(current)
+                for version, obj in current.items():
+                    if version != newest:
+                        obj.destroy()
+            self._rescan(handle)
+
+        try:
+            self._call(destroy)
+        except p11e.PKCS11Error as exc:
+            raise SealError(
+                f"{self._where()}: the token refused to destroy old KEK versions ({_name(exc)})"
             ) from None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -259,7 +388,7 @@ class Pkcs11Seal:
     def _call(self, operation: Callable[[_Handle], _T]) -> _T:
         """Run ``operation`` on the session, reopening it once if it was lost.
 
-        Raises SealError/SealUnreachable for session trouble; other PKCS11Errors propagate for the
+        Session trouble becomes SealError/SealUnreachable; other PKCS11Errors propagate for the
         caller to describe.
         """
         with self._lock:
@@ -278,12 +407,11 @@ class Pkcs11Seal:
         raise AssertionError("unreachable")
 
     def _open(self) -> _Handle:
-        """Open a session and find the KEK. Called with the lock held."""
+        """Open a session and find the KEK versions. Called with the lock held."""
         if self._pin_refused is not None:
             raise SealError(self._pin_refused)
         try:
-            lib = pkcs11.lib(str(self._module))  # the cached instance, initialised again if needed
-            token = lib.get_token(token_label=self._token_label)
+            token = _load(self._module).get_token(token_label=self._token_label)
         except p11e.MultipleTokensReturned:
             raise SealError(
                 f"more than one PKCS#11 token is labelled {self._token_label!r} in {self._module}"
@@ -299,7 +427,7 @@ class Pkcs11Seal:
             ) from None
         try:
             if token.flags & TokenFlag.USER_PIN_LOCKED:
-                self._refuse_pin("the token has locked its user PIN; an officer must unlock it")
+                self._refuse_pin("the token has locked its user PIN; a security officer must reset it")
             session = _open_session(token, self._pin, rw=False)
         except _PIN_REFUSED as exc:
             self._refuse_pin(f"the token refused the PIN from {self._pin_file} ({_name(exc)})")
@@ -307,40 +435,40 @@ class Pkcs11Seal:
             raise SealUnreachable(
                 f"{self._where()}: cannot open a session ({_name(exc)}); will retry"
             ) from None
+        handle = _Handle(session)
         try:
-            handle = self._find_kek(session)
+            self._rescan(handle)
+        except p11e.PKCS11Error as exc:
+            _close_quietly(session)
+            if _lost(exc) or isinstance(exc, _BUSY):
+                raise SealUnreachable(
+                    f"{self._where()}: cannot read the keys ({_name(exc)}); will retry"
+                ) from None
+            raise SealError(f"{self._where()}: cannot read the keys ({_name(exc)})") from None
         except BaseException:
             _close_quietly(session)
             raise
         self._handle = handle
         return handle
 
-    def _find_kek(self, session: Session) -> _Handle:
+    def _rescan(self, handle: _Handle) -> None:
+        """Find the KEK versions under the label again (after a rotation, here or elsewhere)."""
+        keks: dict[int, _Kek] = {}
+        for version, obj in _versions(handle.session, self._key_label, self._where()).items():
+            if not isinstance(obj, EncryptMixin) or not isinstance(obj, DecryptMixin):
+                raise SealError(f"{self._where()}: KEK version {version} may not encrypt and decrypt")
+            keks[version] = _Kek(obj, obj)
+        if not keks:
+            raise SealError(f"{self._where()}: no secret key with this label in the token")
+        handle.keks = keks
+
+    @contextlib.contextmanager
+    def _rw_session(self, handle: _Handle) -> Iterator[Session]:
+        session = _open_session(handle.session.token, self._pin, rw=True)
         try:
-            key = session.get_key(object_class=ObjectClass.SECRET_KEY, label=self._key_label)
-            attrs = key.get_attributes(
-                [Attribute.KEY_TYPE, Attribute.VALUE_LEN, Attribute.SENSITIVE, Attribute.EXTRACTABLE]
-            )
-        except p11e.NoSuchKey:
-            raise SealError(f"{self._where()}: no secret key with this label in the token") from None
-        except p11e.MultipleObjectsReturned:
-            raise SealError(f"{self._where()}: more than one secret key has this label") from None
-        except p11e.PKCS11Error as exc:
-            if _lost(exc) or isinstance(exc, _UNREACHABLE):
-                raise SealUnreachable(
-                    f"{self._where()}: cannot read the key ({_name(exc)}); will retry"
-                ) from None
-            raise SealError(f"{self._where()}: cannot read the key ({_name(exc)})") from None
-        if attrs.get(Attribute.KEY_TYPE) != KeyType.AES or attrs.get(Attribute.VALUE_LEN) != _KEY_BITS // 8:
-            raise SealError(f"{self._where()}: the key is not an AES-256 key")
-        if attrs.get(Attribute.SENSITIVE) is not True or attrs.get(Attribute.EXTRACTABLE) is not False:
-            raise SealError(
-                f"{self._where()}: the key is extractable or not sensitive; the seal only uses a key "
-                "that cannot leave the token (make one with faceseal.server.seal.pkcs11.create_kek)"
-            )
-        if not isinstance(key, EncryptMixin) or not isinstance(key, DecryptMixin):
-            raise SealError(f"{self._where()}: the key is not allowed to encrypt and decrypt")
-        return _Handle(session, key, key)
+            yield session
+        finally:
+            _close_quietly(session)
 
     def _refuse_pin(self, why: str) -> NoReturn:
         self._pin_refused = (
@@ -355,21 +483,13 @@ class Pkcs11Seal:
             _close_quietly(handle.session)
 
 
-def _close_quietly(session: Session) -> None:
-    try:
-        session.close()
-    except p11e.PKCS11Error:
-        pass  # the session or the device is already gone
-
-
 def create_kek(module: Path | str, token_label: str, key_label: str, pin: str) -> None:
-    """Generate the seal's KEK in the token: AES-256, sensitive, never extractable, encrypt/decrypt only.
+    """Generate KEK version 1 in the token: AES-256, sensitive, never extractable, encrypt/decrypt only.
 
-    Refuses when a secret key with ``key_label`` already exists (a second key with the same label
-    would make the seal's lookup ambiguous, and replacing one would orphan every keyring it wraps).
-    Raises SealError; messages never contain the PIN.
+    Refuses when a secret key with ``key_label`` already exists: a second key would become a
+    KEK version of its own, and replacing one would orphan every keyring it wraps (rotate with
+    the admin service instead). Raises SealError; messages never contain the PIN.
     """
-    module = Path(module)
     where = f"PKCS#11 token {token_label!r} key {key_label!r}"
     lib = _load(module)
     try:
@@ -381,31 +501,9 @@ def create_kek(module: Path | str, token_label: str, key_label: str, pin: str) -
     except p11e.PKCS11Error as exc:
         raise SealError(f"{where}: cannot log in to the token ({_name(exc)})") from None
     try:
-        existing = list(
-            session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_label})
-        )
-        if existing:
+        if _find_objects(session, key_label):
             raise SealError(f"{where}: a secret key with this label already exists; not creating another")
-        session.generate_key(
-            KeyType.AES,
-            _KEY_BITS,
-            label=key_label,
-            store=True,
-            capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-            template={
-                Attribute.TOKEN: True,
-                Attribute.PRIVATE: True,
-                Attribute.SENSITIVE: True,
-                Attribute.EXTRACTABLE: False,
-                Attribute.ENCRYPT: True,
-                Attribute.DECRYPT: True,
-                Attribute.WRAP: False,
-                Attribute.UNWRAP: False,
-                Attribute.SIGN: False,
-                Attribute.VERIFY: False,
-                Attribute.DERIVE: False,
-            },
-        )
+        _generate(session, key_label, 1)
     except p11e.PKCS11Error as exc:
         raise SealError(f"{where}: the token refused to create the key ({_name(exc)})") from None
     finally:
