@@ -1,19 +1,24 @@
-"""Python client for faceseald: ``FaceSealClient``, its typed errors, and encoding-file loading.
+"""Python client for faceseald: ``FaceSealClient``, ``AdminClient``, typed errors, encoding loading.
 
 ::
 
-    from faceseal.client import FaceSealClient, load_encoding
+    from faceseal.client import AdminClient, FaceSealClient, load_encoding
 
     with FaceSealClient.from_profile("gateway") as client:
         result = client.match("alice", load_encoding("probe.npy"))
+
+    with AdminClient.from_profile("admin") as admin:
+        print(admin.status().active_version)
 """
 
+from faceseal.client._admin import AdminClient, GalleryStatus, KeyVersion, RewrapProgress, Status
 from faceseal.client._client import Candidate, EnrollResult, FaceSealClient, MatchResult
 from faceseal.client._encodings import EncodingLike, load_encoding
 from faceseal.client._errors import (
     DataLossError,
     DeadlineExceededError,
     FaceSealClientError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
@@ -24,6 +29,7 @@ from faceseal.client._errors import (
 )
 
 __all__ = [
+    "AdminClient",
     "Candidate",
     "DataLossError",
     "DeadlineExceededError",
@@ -31,11 +37,16 @@ __all__ = [
     "EnrollResult",
     "FaceSealClient",
     "FaceSealClientError",
+    "FailedPreconditionError",
+    "GalleryStatus",
     "InvalidArgumentError",
+    "KeyVersion",
     "MatchResult",
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "RewrapProgress",
+    "Status",
     "UnauthenticatedError",
     "UnavailableError",
     "from_rpc_error",

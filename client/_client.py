@@ -48,11 +48,11 @@ class Candidate:
     distance: float | None
 
 
-class FaceSealClient:
-    """One channel to one daemon; cheap calls, so keep an instance for the life of the process.
+class Connection:
+    """One mutual-TLS channel to one daemon, shared by :class:`FaceSealClient` and ``AdminClient``.
 
-    Every method raises a :class:`~faceseal.client.FaceSealClientError` subclass on failure.
-    A non-match is an answer (``MatchResult.match is False``), not an error.
+    Subclasses add their stubs in ``_bind``; the constructors, ``close``, the context manager,
+    ``health`` and the error translation live here once.
     """
 
     def __init__(
@@ -70,9 +70,12 @@ class FaceSealClient:
         )
         options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
         self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._stub = faceseal_pb2_grpc.FaceSealServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
+        self._bind(self._channel)
+
+    def _bind(self, channel: grpc.Channel) -> None:
+        """Create the service stubs this client calls (none in the base class)."""
 
     @classmethod
     def from_files(
@@ -135,6 +138,31 @@ class FaceSealClient:
     ) -> None:
         self.close()
 
+    def health(self, *, timeout: float | None = None) -> str:
+        """The standard grpc.health.v1 status of the whole server: NOT_SERVING while it is sealed."""
+        request = health_pb2.HealthCheckRequest(service="")
+        response = self._call(self._health.Check, request, timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def _call(
+        self, method: grpc.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req, timeout: float | None
+    ) -> _Resp:
+        try:
+            return method(request, timeout=self._timeout if timeout is None else timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+
+class FaceSealClient(Connection):
+    """One channel to one daemon; cheap calls, so keep an instance for the life of the process.
+
+    Every method raises a :class:`~faceseal.client.FaceSealClientError` subclass on failure.
+    A non-match is an answer (``MatchResult.match is False``), not an error.
+    """
+
+    def _bind(self, channel: grpc.Channel) -> None:
+        self._stub = faceseal_pb2_grpc.FaceSealServiceStub(channel)
+
     def enroll(
         self,
         subject_id: str,
@@ -173,20 +201,6 @@ class FaceSealClient:
         """Return how many templates were removed."""
         request = faceseal_pb2.DeleteRequest(gallery=gallery, subject_id=subject_id)
         return self._call(self._stub.Delete, request, timeout).deleted
-
-    def health(self, *, timeout: float | None = None) -> str:
-        """The standard grpc.health.v1 status of the whole server: NOT_SERVING while it is sealed."""
-        request = health_pb2.HealthCheckRequest(service="")
-        response = self._call(self._health.Check, request, timeout)
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
-
-    def _call(
-        self, method: grpc.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req, timeout: float | None
-    ) -> _Resp:
-        try:
-            return method(request, timeout=self._timeout if timeout is None else timeout)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
 
 
 def _f32(value: float) -> float:

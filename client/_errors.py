@@ -6,7 +6,8 @@
     ├── InvalidArgumentError       bad vector, subject id, gallery or top_k; fix the request
     ├── UnauthenticatedError       the certificate maps to no caller in the daemon's policy
     ├── PermissionDeniedError      the caller may not call this method on this gallery
-    ├── NotFoundError              unknown subject or gallery
+    ├── NotFoundError              unknown subject or gallery (or key version)
+    ├── FailedPreconditionError    refused in the daemon's current state (retiring a key in use)
     ├── ResourceExhaustedError     locked out or over a budget; .retry_after in seconds, or None
     ├── DataLossError              a stored template failed to open; an alarm, never a match
     ├── UnavailableError           sealed, shutting down or unreachable; retrying later may work
@@ -51,7 +52,11 @@ class PermissionDeniedError(FaceSealClientError):
 
 
 class NotFoundError(FaceSealClientError):
-    """The subject or gallery does not exist."""
+    """The subject, gallery or key version does not exist."""
+
+
+class FailedPreconditionError(FaceSealClientError):
+    """The request is valid but the daemon's state forbids it now (e.g. a key version in use)."""
 
 
 class ResourceExhaustedError(FaceSealClientError):
@@ -79,6 +84,7 @@ _BY_CODE: dict[grpc.StatusCode, type[FaceSealClientError]] = {
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.DATA_LOSS: DataLossError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,

@@ -1,8 +1,12 @@
 """The ``faceseal`` command: one RPC per invocation, for operators, scripts and smoke tests.
 
 Exit codes: 0 an answer (a non-match is an answer), 1 an RPC or local error (or a health status
-other than SERVING, so the command works as a container health check), 2 a usage error.
+other than SERVING, so the command works as a container health check; or a rewrap that left
+templates behind), 2 a usage error.
 With ``--json`` stdout carries exactly one JSON object, errors included, so scripts parse one thing.
+
+``faceseal admin status|rotate|rewrap|retire VERSION`` drives key rotation (use ``--profile admin``);
+``rewrap`` draws a progress bar on stderr when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
-from faceseal.client._client import DEFAULT_TARGET, DEFAULT_TIMEOUT, FaceSealClient
+import grpc
+
+from faceseal.client._admin import AdminClient, RewrapProgress
+from faceseal.client._client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Connection, FaceSealClient
 from faceseal.client._encodings import load_encoding
 from faceseal.client._errors import FaceSealClientError
 
@@ -77,6 +84,96 @@ def _health(client: FaceSealClient, args: argparse.Namespace) -> _Output:
     return _Output({"status": status}, status, 0 if status == "SERVING" else 1)
 
 
+def _admin_status(client: AdminClient, args: argparse.Namespace) -> _Output:
+    status = client.status()
+    data: dict[str, JsonValue] = {
+        "sealed": status.sealed,
+        "key_versions": [asdict(k) for k in status.key_versions],
+        "galleries": [asdict(g) for g in status.galleries],
+    }
+    if status.sealed:
+        return _Output(data, "sealed: yes (the daemon cannot reach its seal; keys and galleries unknown)")
+    lines = ["sealed: no", "key versions:"]
+    for k in status.key_versions:
+        active = "  (active)" if k.active else ""
+        lines.append(f"  v{k.version}  {_plural(k.template_count, 'template')}{active}")
+    lines.append("galleries:")
+    for g in status.galleries:
+        lines.append(
+            f"  {g.name}  {g.dimension}-d {g.metric}  "
+            f"{_plural(g.subject_count, 'subject')}, {_plural(g.template_count, 'template')}"
+        )
+    return _Output(data, "\n".join(lines))
+
+
+def _admin_rotate(client: AdminClient, args: argparse.Namespace) -> _Output:
+    version = client.rotate_key()
+    return _Output(
+        {"version": version},
+        f"key version {version} is active: new templates are sealed under it"
+        " (`faceseal admin rewrap` re-seals the older ones)",
+    )
+
+
+class _ProgressBar:
+    """``\r[#####.....] 256/1000`` redrawn in place; only ever drawn on a terminal."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._drawn = False
+
+    def update(self, p: RewrapProgress) -> None:
+        filled = self.WIDTH if p.total == 0 else self.WIDTH * p.done // p.total
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self._stream.write(f"\r[{bar}] {p.done}/{p.total} re-sealed under key version {p.target_version}")
+        self._stream.flush()
+        self._drawn = True
+
+    def finish(self) -> None:
+        if self._drawn:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def _admin_rewrap(client: AdminClient, args: argparse.Namespace) -> _Output:
+    bar = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+    last: RewrapProgress | None = None
+    try:
+        for progress in client.rewrap():
+            last = progress
+            if bar is not None:
+                bar.update(progress)
+    finally:
+        if bar is not None:
+            bar.finish()  # end the bar's line, so an error message starts on a fresh one
+    if last is None:
+        raise FaceSealClientError(grpc.StatusCode.UNKNOWN, "the daemon ended the rewrap without progress")
+    data: dict[str, JsonValue] = {
+        "done": last.done,
+        "total": last.total,
+        "target_version": last.target_version,
+    }
+    if last.done < last.total:
+        left = last.total - last.done
+        return _Output(
+            data,
+            f"re-sealed {last.done} of {last.total} templates under key version {last.target_version}; "
+            f"{_plural(left, 'template')} did not open (the daemon raised an integrity alarm) "
+            "and still use an older key version",
+            1,
+        )
+    return _Output(
+        data, f"re-sealed {_plural(last.done, 'template')} under key version {last.target_version}"
+    )
+
+
+def _admin_retire(client: AdminClient, args: argparse.Namespace) -> _Output:
+    client.retire_key(args.version)
+    return _Output({"retired": args.version}, f"retired key version {args.version}: it is destroyed")
+
+
 def _positive(kind: Callable[[str], _Number]) -> Callable[[str], _Number]:
     def parse(text: str) -> _Number:
         try:
@@ -132,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, handler: Callable[..., _Output], help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         _add_global_options(sub, defaults=False)
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, client_class=FaceSealClient)
         return sub
 
     def gallery(sub: argparse.ArgumentParser) -> None:
@@ -159,18 +256,36 @@ def build_parser() -> argparse.ArgumentParser:
     gallery(sub)
 
     command("health", _health, "print the daemon's health: SERVING or NOT_SERVING")
+
+    admin_help = "key administration (needs the admin permission, e.g. --profile admin)"
+    admin = commands.add_parser("admin", help=admin_help, description=admin_help)
+    _add_global_options(admin, defaults=False)
+    actions = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+
+    def action(name: str, handler: Callable[..., _Output], help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text, description=help_text)
+        _add_global_options(sub, defaults=False)
+        sub.set_defaults(handler=handler, client_class=AdminClient)
+        return sub
+
+    action("status", _admin_status, "seal state, key versions with template counts, galleries")
+    action("rotate", _admin_rotate, "add a data-key version; new templates are sealed under it")
+    action("rewrap", _admin_rewrap, "re-seal every template under the active key version (no deadline)")
+    sub = action("retire", _admin_retire, "destroy a key version no template uses (crypto-shredding)")
+    sub.add_argument("version", type=_positive(int), help="the key version to destroy")
     return parser
 
 
-def _connect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FaceSealClient:
+def _connect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Connection:
     """Explicit files win over a profile; a profile comes from --profile, then FACESEAL_PROFILE."""
+    client_class: type[Connection] = args.client_class
     files = (args.ca, args.cert, args.key)
     if any(f is not None for f in files):
         if any(f is None for f in files):
             parser.error("--ca, --cert and --key go together")
         if args.profile:
             parser.error("use either --profile or --ca/--cert/--key, not both")
-        return FaceSealClient.from_files(
+        return client_class.from_files(
             args.target,
             ca=args.ca,
             cert=args.cert,
@@ -184,7 +299,7 @@ def _connect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FaceS
             "no credentials: pass --profile NAME (or set FACESEAL_PROFILE), or --ca, --cert and --key"
         )
     dev_dir = args.dev_dir or os.environ.get("FACESEAL_DEV_DIR") or "dev"
-    return FaceSealClient.from_profile(
+    return client_class.from_profile(
         profile, dev_dir=dev_dir, target=args.target, timeout=args.timeout, server_name=args.server_name
     )
 

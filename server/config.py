@@ -93,6 +93,21 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus listener: its own port, loopback by default, TLS when cert and key are set."""
+
+    listen: str  # empty: no metrics listener
+    tls_cert: Path | None
+    tls_key: Path | None
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port), brackets removed."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     mode: Literal["dev", "production"]
@@ -101,6 +116,7 @@ class Config:
     store: StoreConfig
     seal: SealConfig
     galleries: dict[str, GalleryConfig]
+    metrics: MetricsConfig
 
     @property
     def base_dir(self) -> Path:
@@ -198,6 +214,12 @@ def _seal(se: _Table, base: Path, mode: str) -> SealConfig:
     return seal
 
 
+def _check_address(t: _Table, key: str, value: str) -> None:
+    ok = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})", value)
+    if not ok or int(ok.group(2)) > 65535:
+        raise t.fail(key, "must be HOST:PORT (e.g. 127.0.0.1:50051 or [::1]:50051)")
+
+
 def load_config(path: Path) -> Config:
     """Read and validate ``path``; raise ConfigError naming the file and key on any problem."""
     path = path.resolve()
@@ -226,10 +248,19 @@ def load_config(path: Path) -> Config:
         max_workers=_bounded(s, "max_workers", int, 16, 1, 1024),
         max_top_k=_bounded(s, "max_top_k", int, 100, 1, 10_000),
     )
-    listen_ok = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})", server.listen)
-    if not listen_ok or int(listen_ok.group(2)) > 65535:
-        raise s.fail("listen", "must be HOST:PORT (e.g. 127.0.0.1:50051 or [::1]:50051)")
+    _check_address(s, "listen", server.listen)
     s.done()
+
+    m = top.table("metrics", required=False)
+    metrics_listen = m.get("listen", str, "127.0.0.1:9464")
+    if metrics_listen:
+        _check_address(m, "listen", metrics_listen)
+    cert = m.path("tls_cert", base) if "tls_cert" in m.data else None
+    key = m.path("tls_key", base) if "tls_key" in m.data else None
+    if (cert is None) != (key is None):
+        raise m.fail("tls_cert" if cert is None else "tls_key", "tls_cert and tls_key go together")
+    metrics = MetricsConfig(metrics_listen, cert, key)
+    m.done()
 
     st = top.table("store", required=False)
     store = StoreConfig(url=st.get("url", str, "sqlite:faceseal.db"))
@@ -264,4 +295,4 @@ def load_config(path: Path) -> Config:
     if default not in galleries:
         raise top.fail("default_gallery", "must name a gallery defined under [galleries]")
     top.done()
-    return Config(path, mode, default, server, store, seal, galleries)
+    return Config(path, mode, default, server, store, seal, galleries, metrics)

@@ -20,8 +20,9 @@ from faceseal.server.auth.policy import Caller, Permission
 from faceseal.server.config import Config, GalleryConfig
 from faceseal.server.crypto import vault
 from faceseal.server.crypto.barrier import Barrier, SealedTemplate
-from faceseal.server.errors import FailedPrecondition, IntegrityError, NotFound, Sealed
+from faceseal.server.errors import FailedPrecondition, IntegrityError, NotFound, PermissionDenied, Sealed
 from faceseal.server.gallery.memory import Gallery
+from faceseal.server.metrics import Metrics
 from faceseal.server.seal.base import Seal, SealError
 from faceseal.server.store.base import Store, TemplateRow
 
@@ -88,8 +89,9 @@ class _Unsealed:
 class Core:
     """Sealed until ``unseal`` succeeds; every operation raises Sealed before that."""
 
-    def __init__(self, config: Config, store: Store, seal: Seal) -> None:
+    def __init__(self, config: Config, store: Store, seal: Seal, metrics: Metrics) -> None:
         self._config = config
+        self._metrics = metrics
         self._store = store
         self._seal = seal
         self._state: _Unsealed | None = None
@@ -148,8 +150,18 @@ class Core:
             gallery.add(subject_id, row.template_id, encoding, subject_ref=row.subject_ref)
         return gallery
 
+    def _publish(self) -> None:
+        """Bring the state gauges up to date after a change of seal state, keys or galleries."""
+        state = self._state
+        self._metrics.sealed.set(1 if state is None else 0)
+        if state is not None:
+            self._metrics.key_versions.set(len(state.barrier.keyring.versions()))
+            for name, gallery in state.galleries.items():
+                self._metrics.templates.labels(name).set(gallery.size()[1])
+
     def _alarm(self, gallery: str) -> None:
         self.integrity_failures += 1
+        self._metrics.integrity_failures.labels(gallery).inc()
         log.error("integrity failure: a stored template did not open", extra={"gallery": gallery})
 
     def _unsealed(self) -> _Unsealed:
@@ -160,7 +172,11 @@ class Core:
 
     def _gallery(self, caller: Caller, permission: Permission, name: str) -> tuple[_Unsealed, Gallery]:
         name = validation.gallery_name(name) if name else self._config.default_gallery
-        caller.authorize(permission, name)
+        try:
+            caller.authorize(permission, name)
+        except PermissionDenied as exc:
+            self._metrics.auth_denied.labels(exc.reason).inc()
+            raise
         state = self._unsealed()
         gallery = state.galleries.get(name)
         if gallery is None:
@@ -172,21 +188,25 @@ class Core:
     def enroll(
         self, caller: Caller, gallery_name: str, subject_id: str, encoding: Sequence[float], replace: bool
     ) -> EnrollOutcome:
-        state, gallery = self._gallery(caller, Permission.ENROLL, gallery_name)
+        _, gallery = self._gallery(caller, Permission.ENROLL, gallery_name)
         subject_id = validation.subject_id(subject_id)
         vector = validation.vector(encoding, gallery.config.dimension, "encoding")
         name = gallery.config.name
         template_id = secrets.token_hex(16)
-        sealed = state.barrier.seal(name, subject_id, template_id, vector)
-        ref = state.barrier.subject_ref(name, subject_id)
-        row = TemplateRow(
-            name, ref, template_id, sealed.key_version, sealed.subject_blob, sealed.template_blob
-        )
         with self._write_lock:
+            # Seal under the keyring current inside the lock: one taken before it could name a
+            # version that a RetireKey in between has destroyed (an acknowledged, unopenable row).
+            barrier = self._unsealed().barrier
+            sealed = barrier.seal(name, subject_id, template_id, vector)
+            ref = barrier.subject_ref(name, subject_id)
+            row = TemplateRow(
+                name, ref, template_id, sealed.key_version, sealed.subject_blob, sealed.template_blob
+            )
             count = self._store.put_template(row, replace_subject=replace)
             gallery.add(subject_id, template_id, vector, subject_ref=ref, replace=replace)
             if replace:
                 gallery.clear_poison(ref)
+        self._metrics.templates.labels(name).set(gallery.size()[1])
         return EnrollOutcome(subject_id, template_id, count)
 
     def match(
@@ -201,7 +221,9 @@ class Core:
         except IntegrityError:
             self._alarm(gallery.config.name)
             raise
-        return MatchOutcome(best <= gallery.config.threshold, _disclose(caller, best))
+        decision = best <= gallery.config.threshold
+        self._metrics.match_decisions.labels(gallery.config.name, "match" if decision else "no_match").inc()
+        return MatchOutcome(decision, _disclose(caller, best))
 
     def identify(
         self, caller: Caller, gallery_name: str, probe: Sequence[float], top_k: int
@@ -218,6 +240,7 @@ class Core:
         with self._write_lock:
             deleted = self._store.delete_subject(gallery.config.name, ref)
             gallery.remove(subject_id, ref)
+        self._metrics.templates.labels(gallery.config.name).set(gallery.size()[1])
         if deleted == 0:
             raise NotFound("no such subject in this gallery")
         return deleted
@@ -243,6 +266,7 @@ class Core:
             state = self._unsealed()
             keyring = vault.add_version(self._store, self._seal, state.barrier.keyring)
             self._state = _Unsealed(Barrier(keyring), state.galleries)
+            self._publish()
         log.info("data key rotated", extra={"key_version": keyring.active})
         return keyring.active
 
@@ -285,6 +309,8 @@ class Core:
             done += 1
             if done % 256 == 0 or done == total:
                 yield RewrapProgress(done, total, target)
+        if done < total:  # some blobs did not open (alarmed above): still end with a final report
+            yield RewrapProgress(done, total, target)
 
     def retire_key(self, version: int) -> None:
         """Destroy a data-key version. Refused for the active version and while any blob uses it."""
@@ -302,6 +328,7 @@ class Core:
                 )
             keyring = vault.retire_version(self._store, self._seal, keyring, version)
             self._state = _Unsealed(Barrier(keyring), state.galleries)
+            self._publish()
         log.info("data key retired", extra={"key_version": version})
 
 

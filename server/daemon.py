@@ -14,19 +14,23 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
 
 from faceseal.server import hygiene, logs
 from faceseal.server.api import admin
+from faceseal.server.api.observe import MetricsInterceptor
 from faceseal.server.api.service import PERMISSIONS, FaceSealServicer
 from faceseal.server.auth.interceptor import AuthInterceptor, PolicyHolder
 from faceseal.server.auth.policy import load_policy
-from faceseal.server.config import Config, load_config
+from faceseal.server.config import Config, load_config, split_address
 from faceseal.server.core import Core
 from faceseal.server.errors import ConfigError
+from faceseal.server.metrics import Metrics
 from faceseal.server.seal import seal_from_config
 from faceseal.server.seal.base import Seal
 from faceseal.server.store.base import Store, StoreError
@@ -81,12 +85,19 @@ class Daemon:
         self.policies = PolicyHolder(load_policy(config.server.policy))
         self._certs = _Certificates(config)
         self.store = open_store(config)
-        self.core = Core(config, self.store, open_seal(config))
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry, config.galleries, _methods())
+        self.core = Core(config, self.store, open_seal(config), self.metrics)
+        self.metrics_port: int | None = None
+        self._metrics_server: Any = None
         self._stop_unsealing = threading.Event()
         limit = config.server.max_message_bytes
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="rpc"),
-            interceptors=[AuthInterceptor(self.policies, PERMISSIONS | admin.PERMISSIONS)],
+            interceptors=[
+                MetricsInterceptor(self.metrics),
+                AuthInterceptor(self.policies, PERMISSIONS | admin.PERMISSIONS, self.metrics),
+            ],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -124,11 +135,33 @@ class Daemon:
             self.health.set(name, status)
 
     def start(self) -> None:
+        self._start_metrics()
         self.server.start()
         threading.Thread(
             target=self.core.unseal_until, args=(self._stop_unsealing,), name="unseal", daemon=True
         ).start()
         log.info("listening", extra={"address": self.config.server.listen, "port": self.port})
+
+    def _start_metrics(self) -> None:
+        m = self.config.metrics
+        if not m.listen:
+            return
+        host, port = split_address(m.listen)
+        try:
+            server, _thread = start_http_server(
+                port,
+                addr=host,
+                registry=self.registry,
+                certfile=str(m.tls_cert) if m.tls_cert else None,
+                keyfile=str(m.tls_key) if m.tls_key else None,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"{self.config.path}: key 'metrics.listen': cannot listen on {m.listen}: {exc.strerror}"
+            ) from None
+        self._metrics_server = server
+        self.metrics_port = int(server.server_port)
+        log.info("metrics listening", extra={"address": m.listen, "port": self.metrics_port})
 
     def reload(self) -> None:
         """Re-read the policy and the TLS files; keep the old ones if the new ones are invalid."""
@@ -149,7 +182,21 @@ class Daemon:
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.server.grace_seconds if grace is None else grace).wait()
         self.store.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         log.info("stopped")
+
+
+def _methods() -> list[tuple[str, str]]:
+    """Every method of our two services with its gRPC type, for zero-initialised series."""
+    out = []
+    for module in (faceseal_pb2, admin_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                kind = "server_stream" if method.server_streaming else "unary"
+                out.append((f"/{service.full_name}/{method.name}", kind))
+    return out
 
 
 def serve(config_path: Path) -> int:

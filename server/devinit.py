@@ -49,6 +49,10 @@ policy = "policy.toml"
 [store]
 url = "sqlite:data/faceseal.db"
 
+[metrics]
+# Prometheus scrapes http://{metrics_listen}/metrics (loopback only; set tls_cert/tls_key for TLS).
+listen = "{metrics_listen}"
+
 [seal]
 type = "file"
 key_file = "seal.key"
@@ -111,7 +115,10 @@ def init_dev(directory: Path, *, force: bool = False, listen: str = "127.0.0.1:5
         client.write(directory / "clients" / f"{name}.crt", directory / "clients" / f"{name}.key")
     pki.write_private_file(directory / "seal.key", secrets.token_bytes(32))
     (directory / "policy.toml").write_text(_POLICY, encoding="utf-8")
-    (directory / "faceseal.toml").write_text(_CONFIG.format(listen=listen), encoding="utf-8")
+    # A test asking for any free gRPC port (port 0) gets any free metrics port too.
+    metrics_listen = "127.0.0.1:0" if listen.endswith(":0") else "127.0.0.1:9464"
+    config_text = _CONFIG.format(listen=listen, metrics_listen=metrics_listen)
+    (directory / "faceseal.toml").write_text(config_text, encoding="utf-8")
 
 
 def _check_listen(listen: str) -> None:

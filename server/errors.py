@@ -35,7 +35,11 @@ class Unauthenticated(FaceSealError):
 
 
 class PermissionDenied(FaceSealError):
-    """The caller is known but may not do this."""
+    """The caller is known but may not do this. ``reason`` is a fixed word for the metrics."""
+
+    def __init__(self, message: str, reason: str = "no_permission") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class NotFound(FaceSealError):

@@ -22,7 +22,9 @@ GUARD_SCOPES = ("subject", "caller_rate", "caller_failures", "identify", "probe_
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry, galleries: Iterable[str], methods: Iterable[str]) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, galleries: Iterable[str], methods: Iterable[tuple[str, str]]
+    ) -> None:
         self.registry = registry
         labels = ("grpc_type", "grpc_service", "grpc_method")
         self.started = Counter(
@@ -83,7 +85,8 @@ class Metrics:
             self.auth_denied.labels(reason)
         for scope in GUARD_SCOPES:
             self.guard_rejections.labels(scope)
-        for method in methods:
+        for method, kind in methods:
             service, name = method.strip("/").split("/")
-            self.started.labels("unary", service, name)
-            self.handled.labels("unary", service, name, grpc.StatusCode.OK.name)
+            self.started.labels(kind, service, name)
+            self.handled.labels(kind, service, name, grpc.StatusCode.OK.name)
+            self.handling.labels(kind, service, name)

@@ -396,6 +396,7 @@ class SubprocessDaemon:
         for _attempt in range(5):
             self.port = free_port()
             self.dev.set_server(listen=self.target)
+            self.dev.edit_config(lambda c: c.setdefault("metrics", {}).update(listen="127.0.0.1:0"))
             offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             with self.log_path.open("ab") as log:
                 self.proc = subprocess.Popen(

@@ -23,6 +23,7 @@ from faceseal.server.api.errors import abort
 from faceseal.server.auth.identity import identity_from_pem
 from faceseal.server.auth.policy import Caller, Permission, Policy
 from faceseal.server.errors import PermissionDenied, Unauthenticated
+from faceseal.server.metrics import Metrics
 
 log = logging.getLogger("faceseal.auth")
 
@@ -77,7 +78,8 @@ else:  # the stubs make it generic; the runtime class is not subscriptable
 class AuthInterceptor(_Interceptor):
     """Maps each method to the permission it needs and refuses callers that lack it."""
 
-    def __init__(self, policies: PolicyHolder, permissions: dict[str, Permission]) -> None:
+    def __init__(self, policies: PolicyHolder, permissions: dict[str, Permission], metrics: Metrics) -> None:
+        self._metrics = metrics
         self._policies = policies
         self._permissions = permissions
 
@@ -108,8 +110,10 @@ class AuthInterceptor(_Interceptor):
         caller = self._policies.policy.resolve(identity) if identity else None
         if caller is None:
             log.warning("unknown caller refused", extra={"reason": "unknown_identity"})
+            self._metrics.auth_denied.labels("unknown_identity").inc()
             abort(context, Unauthenticated("this certificate names no caller in the policy"))
         if not caller.may(permission):
+            self._metrics.auth_denied.labels("no_permission").inc()
             abort(context, PermissionDenied(f"this caller lacks the '{permission}' permission"))
         return caller
 

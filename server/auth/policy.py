@@ -65,7 +65,9 @@ class Caller:
         if permission not in self.rule.permissions:
             raise PermissionDenied(f"this caller lacks the '{permission}' permission")
         if "*" not in self.rule.galleries and gallery not in self.rule.galleries:
-            raise PermissionDenied(f"this caller may not use this gallery for '{permission}'")
+            raise PermissionDenied(
+                f"this caller may not use this gallery for '{permission}'", reason="gallery_not_allowed"
+            )
 
 
 @dataclass(frozen=True, slots=True)

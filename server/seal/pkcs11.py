@@ -157,8 +157,8 @@ def _module_key(module: Path | str) -> str:
     return os.path.realpath(module)
 
 
-def _load(module: Path | str) -> Pkcs11Lib:
-    """Load (or reuse) the PKCS#11 module."""
+def load_module(module: Path | str) -> Pkcs11Lib:
+    """Load (or reuse) the PKCS#11 module; every user in the process must load it through here."""
     try:
         return pkcs11.lib(_module_key(module))
     except p11e.PKCS11Error as exc:
@@ -263,7 +263,7 @@ class Pkcs11Seal:
         self._lock = threading.Lock()
         self._handle: _Handle | None = None
         self._pin_refused: str | None = None
-        _load(module)
+        load_module(module)
 
     @classmethod
     def from_config(cls, cfg: Pkcs11SealConfig) -> Pkcs11Seal:
@@ -276,9 +276,8 @@ class Pkcs11Seal:
         return f"pkcs11:{self._module} token={self._token_label!r} key={self._key_label!r}"
 
     def wrap(self, key: bytes, aad: bytes) -> bytes:
-        iv = os.urandom(_IV)
-
         def encrypt(handle: _Handle) -> bytes:
+            iv = os.urandom(_IV)  # drawn per attempt: a retry never repeats an IV
             version = max(handle.keks)
             out = handle.keks[version].encrypt.encrypt(
                 key, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad, _TAG * 8)
@@ -411,7 +410,7 @@ class Pkcs11Seal:
         if self._pin_refused is not None:
             raise SealError(self._pin_refused)
         try:
-            token = _load(self._module).get_token(token_label=self._token_label)
+            token = load_module(self._module).get_token(token_label=self._token_label)
         except p11e.MultipleTokensReturned:
             raise SealError(
                 f"more than one PKCS#11 token is labelled {self._token_label!r} in {self._module}"
@@ -491,7 +490,7 @@ def create_kek(module: Path | str, token_label: str, key_label: str, pin: str) -
     the admin service instead). Raises SealError; messages never contain the PIN.
     """
     where = f"PKCS#11 token {token_label!r} key {key_label!r}"
-    lib = _load(module)
+    lib = load_module(module)
     try:
         token = lib.get_token(token_label=token_label)
     except p11e.PKCS11Error as exc:

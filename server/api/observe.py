@@ -1,0 +1,94 @@
+"""The standard gRPC server metrics, taken around every handler.
+
+Outermost interceptor: it sees the final status of every call, including the ones the auth
+interceptor refused, so ``grpc_server_handled_total`` counts what callers actually received.
+Only method names the server implements become labels (an unknown method has no handler and is
+not counted), so a caller cannot mint label values.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from faceseal.server.metrics import Metrics
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.ServerInterceptor
+
+
+def rpc_type(handler: Any) -> str:
+    if handler.unary_unary:
+        return "unary"
+    if handler.unary_stream:
+        return "server_stream"
+    if handler.stream_unary:
+        return "client_stream"
+    return "bidi_stream"
+
+
+class MetricsInterceptor(_Interceptor):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        service, _, name = details.method.strip("/").partition("/")
+        kind = rpc_type(handler)
+        labels = (kind, service, name)
+        m = self._metrics
+
+        def finish(context: grpc.ServicerContext, start: float, failed: bool) -> None:
+            code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]  # grpc >= 1.49
+            if code is None:
+                code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+            m.handled.labels(*labels, code.name).inc()
+            m.handling.labels(*labels).observe(time.perf_counter() - start)
+
+        if kind == "unary":
+            inner = handler.unary_unary
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                m.started.labels(*labels).inc()
+                start, failed = time.perf_counter(), True
+                try:
+                    response = inner(request, context)
+                    failed = False
+                    return response
+                finally:
+                    finish(context, start, failed)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if kind == "server_stream":
+            inner_stream = handler.unary_stream
+
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                m.started.labels(*labels).inc()
+                start, failed = time.perf_counter(), True
+                try:
+                    yield from inner_stream(request, context)
+                    failed = False
+                finally:
+                    finish(context, start, failed)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
