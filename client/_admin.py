@@ -84,9 +84,7 @@ class AdminClient(Connection):
         response = self._call(self._admin.GetStatus, admin_pb2.GetStatusRequest(), timeout)
         return Status(
             sealed=response.sealed,
-            key_versions=tuple(
-                KeyVersion(k.version, k.template_count, k.active) for k in response.key_versions
-            ),
+            key_versions=tuple(KeyVersion(k.version, k.template_count, k.active) for k in response.key_versions),
             galleries=tuple(
                 GalleryStatus(g.name, g.dimension, g.metric, g.subject_count, g.template_count)
                 for g in response.galleries

@@ -144,9 +144,7 @@ class Connection:
         response = self._call(self._health.Check, request, timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
-    def _call(
-        self, method: grpc.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req, timeout: float | None
-    ) -> _Resp:
+    def _call(self, method: grpc.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req, timeout: float | None) -> _Resp:
         try:
             return method(request, timeout=self._timeout if timeout is None else timeout)
         except grpc.RpcError as err:
@@ -193,8 +191,7 @@ class FaceSealClient(Connection):
         request = faceseal_pb2.IdentifyRequest(gallery=gallery, probe=as_floats(probe), top_k=top_k)
         response = self._call(self._stub.Identify, request, timeout)
         return [
-            Candidate(c.subject_id, _f32(c.distance) if c.HasField("distance") else None)
-            for c in response.candidates
+            Candidate(c.subject_id, _f32(c.distance) if c.HasField("distance") else None) for c in response.candidates
         ]
 
     def delete(self, subject_id: str, *, gallery: str = "", timeout: float | None = None) -> int:

@@ -164,9 +164,7 @@ def _admin_rewrap(client: AdminClient, args: argparse.Namespace) -> _Output:
             "and still use an older key version",
             1,
         )
-    return _Output(
-        data, f"re-sealed {_plural(last.done, 'template')} under key version {last.target_version}"
-    )
+    return _Output(data, f"re-sealed {_plural(last.done, 'template')} under key version {last.target_version}")
 
 
 def _admin_retire(client: AdminClient, args: argparse.Namespace) -> _Output:
@@ -198,15 +196,11 @@ def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
 
     group = parser.add_argument_group("connection")
     group.add_argument("--target", default=default(DEFAULT_TARGET), help="host:port of faceseald")
-    group.add_argument(
-        "--profile", default=default(None), help="dev client certificate to use (env FACESEAL_PROFILE)"
-    )
+    group.add_argument("--profile", default=default(None), help="dev client certificate to use (env FACESEAL_PROFILE)")
     group.add_argument(
         "--dev-dir", type=Path, default=default(None), help="dev PKI folder (env FACESEAL_DEV_DIR, or dev)"
     )
-    group.add_argument(
-        "--server-name", default=default(None), help="name to verify in the server's certificate"
-    )
+    group.add_argument("--server-name", default=default(None), help="name to verify in the server's certificate")
     group.add_argument("--ca", type=Path, default=default(None), help="CA certificate (PEM)")
     group.add_argument("--cert", type=Path, default=default(None), help="client certificate (PEM)")
     group.add_argument("--key", type=Path, default=default(None), help="client private key (PEM)")
@@ -220,9 +214,7 @@ def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="faceseal", description="Talk to a faceseald daemon over mutual TLS."
-    )
+    parser = argparse.ArgumentParser(prog="faceseal", description="Talk to a faceseald daemon over mutual TLS.")
     _add_global_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -295,9 +287,7 @@ def _connect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Conne
         )
     profile = args.profile or os.environ.get("FACESEAL_PROFILE")
     if not profile:
-        parser.error(
-            "no credentials: pass --profile NAME (or set FACESEAL_PROFILE), or --ca, --cert and --key"
-        )
+        parser.error("no credentials: pass --profile NAME (or set FACESEAL_PROFILE), or --ca, --cert and --key")
     dev_dir = args.dev_dir or os.environ.get("FACESEAL_DEV_DIR") or "dev"
     return client_class.from_profile(
         profile, dev_dir=dev_dir, target=args.target, timeout=args.timeout, server_name=args.server_name

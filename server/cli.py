@@ -38,10 +38,22 @@ def main(argv: list[str] | None = None) -> int:
         help="a TOML file whose [seal] table is the new seal",
     )
 
+    audit = commands.add_parser("audit", help="audit log tools")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify", help="check the audit chain; exit 0 if intact, else name the first broken record"
+    )
+    verify.add_argument(
+        "--config", metavar="PATH", type=Path, help="the daemon's config: unwraps the audit key to check every HMAC"
+    )
+    verify.add_argument("paths", metavar="PATH", type=Path, nargs="*", help="segments in order (default: all)")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "init":
             return _init(args.dev, force=args.force, listen=args.listen)
+        if args.command == "audit":
+            return _audit_verify(args.config, args.paths)
         if args.command == "seal":
             return _seal_migrate(args.config, args.to)
         return _serve(args.config)
@@ -95,6 +107,42 @@ def _seal_migrate(config_path: Path, target_path: Path) -> int:
     print(f"re-wrapped {count} keys from {old.describe()} to {new.describe()}")
     print(f"now replace the [seal] table of {config.path} with the one in {target_path} and restart")
     return 0
+
+
+def _audit_verify(config_path: Path | None, paths: list[Path]) -> int:
+    from faceseal.server.audit.log import derive_audit_key, segments
+    from faceseal.server.audit.verify import verify
+
+    key: bytes | None = None
+    if config_path is not None:
+        from faceseal.server.config import load_config
+        from faceseal.server.crypto import vault
+        from faceseal.server.daemon import open_store
+        from faceseal.server.seal import seal_from_config
+        from faceseal.server.seal.base import SealError
+
+        config = load_config(config_path)
+        store = open_store(config)
+        try:
+            key = derive_audit_key(vault.load(store, seal_from_config(config.seal, config.path)).index_key.reveal())
+        except SealError as exc:
+            print(f"faceseald: cannot unwrap the audit key: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            store.close()
+        if not paths:
+            paths = segments(config.audit.dir)
+    if not paths:
+        print("faceseald: no audit segments given (pass PATH... or --config)", file=sys.stderr)
+        return 2
+    if key is None:
+        print("faceseald: warning: without --config only the hash chain is checked, not the HMACs", file=sys.stderr)
+    verdict = verify(paths, key)
+    if verdict.ok:
+        print(f"ok: {verdict.records} records, chain intact" + ("" if key else " (HMACs not checked)"))
+        return 0
+    print(f"broken: {verdict.problem} (after {verdict.records} good records)")
+    return 1
 
 
 def _serve(config: Path) -> int:

@@ -101,6 +101,14 @@ class MetricsConfig:
     tls_key: Path | None
 
 
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """Where the HMAC-chained audit log lives, and when a segment is closed for the next."""
+
+    dir: Path
+    max_bytes: int
+
+
 def split_address(address: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` -> (host, port), brackets removed."""
     host, _, port = address.rpartition(":")
@@ -117,6 +125,7 @@ class Config:
     seal: SealConfig
     galleries: dict[str, GalleryConfig]
     metrics: MetricsConfig
+    audit: AuditConfig
 
     @property
     def base_dir(self) -> Path:
@@ -184,8 +193,7 @@ def _seal(se: _Table, base: Path, mode: str) -> SealConfig:
         if mode != "dev":
             raise se.fail(
                 "type",
-                "the file seal keeps the key-encryption key beside the data and is refused unless "
-                'mode = "dev"',
+                'the file seal keeps the key-encryption key beside the data and is refused unless mode = "dev"',
             )
         seal = FileSealConfig(key_file=se.path("key_file", base))
     elif seal_type == "pkcs11":
@@ -262,6 +270,13 @@ def load_config(path: Path) -> Config:
     metrics = MetricsConfig(metrics_listen, cert, key)
     m.done()
 
+    a = top.table("audit", required=False)
+    audit = AuditConfig(
+        dir=a.path("dir", base, "audit"),
+        max_bytes=_bounded(a, "max_bytes", int, 64 << 20, 4096, 1 << 40),
+    )
+    a.done()
+
     st = top.table("store", required=False)
     store = StoreConfig(url=st.get("url", str, "sqlite:faceseal.db"))
     if not store.url.startswith("sqlite:") or store.url in ("sqlite:", "sqlite:///"):
@@ -295,4 +310,4 @@ def load_config(path: Path) -> Config:
     if default not in galleries:
         raise top.fail("default_gallery", "must name a gallery defined under [galleries]")
     top.done()
-    return Config(path, mode, default, server, store, seal, galleries, metrics)
+    return Config(path, mode, default, server, store, seal, galleries, metrics, audit)

@@ -14,8 +14,10 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from faceseal.server import validation
+from faceseal.server.audit.log import AuditEntry, AuditLog, derive_audit_key, subject_hmac
 from faceseal.server.auth.policy import Caller, Permission
 from faceseal.server.config import Config, GalleryConfig
 from faceseal.server.crypto import vault
@@ -84,14 +86,16 @@ class RewrapProgress:
 class _Unsealed:
     barrier: Barrier
     galleries: dict[str, Gallery]
+    audit_key: bytes
 
 
 class Core:
     """Sealed until ``unseal`` succeeds; every operation raises Sealed before that."""
 
-    def __init__(self, config: Config, store: Store, seal: Seal, metrics: Metrics) -> None:
+    def __init__(self, config: Config, store: Store, seal: Seal, metrics: Metrics, audit_dir: Path) -> None:
         self._config = config
         self._metrics = metrics
+        self.audit = AuditLog(audit_dir, config.audit.max_bytes, metrics, self._audit_key)
         self._store = store
         self._seal = seal
         self._state: _Unsealed | None = None
@@ -116,10 +120,8 @@ class Core:
             return
         barrier = Barrier(vault.load_or_create(self._store, self._seal))
         galleries = {name: self._open_gallery(barrier, g) for name, g in self._config.galleries.items()}
-        self._state = _Unsealed(barrier, galleries)
-        log.info(
-            "unsealed", extra={"seal": self._seal.describe(), "key_versions": len(barrier.keyring.versions())}
-        )
+        self._state = _Unsealed(barrier, galleries, derive_audit_key(barrier.keyring.index_key.reveal()))
+        log.info("unsealed", extra={"seal": self._seal.describe(), "key_versions": len(barrier.keyring.versions())})
         for listener in self._listeners:
             listener(False)
 
@@ -149,6 +151,15 @@ class Core:
                 continue
             gallery.add(subject_id, row.template_id, encoding, subject_ref=row.subject_ref)
         return gallery
+
+    def _audit_key(self) -> bytes | None:
+        state = self._state
+        return None if state is None else state.audit_key
+
+    def resolve_gallery(self, name: str) -> str | None:
+        """The configured gallery a request names (empty: the default), or None if it names none."""
+        name = name or self._config.default_gallery
+        return name if name in self._config.galleries else None
 
     def _publish(self) -> None:
         """Bring the state gauges up to date after a change of seal state, keys or galleries."""
@@ -194,14 +205,13 @@ class Core:
         name = gallery.config.name
         template_id = secrets.token_hex(16)
         with self._write_lock:
+            self.audit.record(AuditEntry("OK", name, subject_id))
             # Seal under the keyring current inside the lock: one taken before it could name a
             # version that a RetireKey in between has destroyed (an acknowledged, unopenable row).
             barrier = self._unsealed().barrier
             sealed = barrier.seal(name, subject_id, template_id, vector)
             ref = barrier.subject_ref(name, subject_id)
-            row = TemplateRow(
-                name, ref, template_id, sealed.key_version, sealed.subject_blob, sealed.template_blob
-            )
+            row = TemplateRow(name, ref, template_id, sealed.key_version, sealed.subject_blob, sealed.template_blob)
             count = self._store.put_template(row, replace_subject=replace)
             gallery.add(subject_id, template_id, vector, subject_ref=ref, replace=replace)
             if replace:
@@ -209,9 +219,7 @@ class Core:
         self._metrics.templates.labels(name).set(gallery.size()[1])
         return EnrollOutcome(subject_id, template_id, count)
 
-    def match(
-        self, caller: Caller, gallery_name: str, subject_id: str, probe: Sequence[float]
-    ) -> MatchOutcome:
+    def match(self, caller: Caller, gallery_name: str, subject_id: str, probe: Sequence[float]) -> MatchOutcome:
         state, gallery = self._gallery(caller, Permission.MATCH, gallery_name)
         subject_id = validation.subject_id(subject_id)
         vector = validation.vector(probe, gallery.config.dimension, "probe")
@@ -221,33 +229,38 @@ class Core:
         except IntegrityError:
             self._alarm(gallery.config.name)
             raise
-        decision = best <= gallery.config.threshold
-        self._metrics.match_decisions.labels(gallery.config.name, "match" if decision else "no_match").inc()
-        return MatchOutcome(decision, _disclose(caller, best))
+        decision = "match" if best <= gallery.config.threshold else "no_match"
+        self.audit.record(AuditEntry("OK", gallery.config.name, subject_id, decision))
+        self._metrics.match_decisions.labels(gallery.config.name, decision).inc()
+        return MatchOutcome(decision == "match", _disclose(caller, best))
 
-    def identify(
-        self, caller: Caller, gallery_name: str, probe: Sequence[float], top_k: int
-    ) -> list[Candidate]:
+    def identify(self, caller: Caller, gallery_name: str, probe: Sequence[float], top_k: int) -> list[Candidate]:
         _, gallery = self._gallery(caller, Permission.IDENTIFY, gallery_name)
         vector = validation.vector(probe, gallery.config.dimension, "probe")
         k = validation.top_k(top_k, self._config.server.max_top_k)
-        return [Candidate(h.subject_id, _disclose(caller, h.distance)) for h in gallery.identify(vector, k)]
+        hits = gallery.identify(vector, k)
+        self.audit.record(AuditEntry("OK", gallery.config.name, candidates=len(hits)))
+        return [Candidate(h.subject_id, _disclose(caller, h.distance)) for h in hits]
 
     def delete(self, caller: Caller, gallery_name: str, subject_id: str) -> int:
         state, gallery = self._gallery(caller, Permission.DELETE, gallery_name)
         subject_id = validation.subject_id(subject_id)
         ref = state.barrier.subject_ref(gallery.config.name, subject_id)
         with self._write_lock:
+            if self._store.subject_template_count(gallery.config.name, ref) == 0:
+                gallery.remove(subject_id, ref)  # drop a poisoned marker, if any
+                raise NotFound("no such subject in this gallery")
+            self.audit.record(AuditEntry("OK", gallery.config.name, subject_id))
             deleted = self._store.delete_subject(gallery.config.name, ref)
             gallery.remove(subject_id, ref)
         self._metrics.templates.labels(gallery.config.name).set(gallery.size()[1])
-        if deleted == 0:
-            raise NotFound("no such subject in this gallery")
         return deleted
 
     # -- key administration (permission: admin, checked at the edge) --------------------------
 
     def status(self) -> Status:
+        if self._state is not None:
+            self.audit.record(AuditEntry("OK"))
         counts = self._store.key_version_counts()
         state = self._state
         if state is None:
@@ -261,11 +274,22 @@ class Core:
             galleries.append(GalleryStatus(name, c.dimension, c.metric, subjects, templates))
         return Status(False, versions, galleries)
 
+    def audit_hash(self, gallery_name: str, subject_id: str) -> str:
+        """The ``subject`` value audit records carry for this subject (admin only, and audited)."""
+        name = validation.gallery_name(gallery_name) if gallery_name else self._config.default_gallery
+        if name not in self._config.galleries:
+            raise NotFound("no such gallery")
+        subject_id = validation.subject_id(subject_id)
+        state = self._unsealed()
+        self.audit.record(AuditEntry("OK", name, subject_id))
+        return subject_hmac(state.audit_key, name, subject_id)
+
     def rotate_key(self) -> int:
         with self._write_lock:
             state = self._unsealed()
+            self.audit.record(AuditEntry("OK"))
             keyring = vault.add_version(self._store, self._seal, state.barrier.keyring)
-            self._state = _Unsealed(Barrier(keyring), state.galleries)
+            self._state = _Unsealed(Barrier(keyring), state.galleries, state.audit_key)
             self._publish()
         log.info("data key rotated", extra={"key_version": keyring.active})
         return keyring.active
@@ -275,6 +299,7 @@ class Core:
         is left. Safe under traffic: the in-memory galleries hold plaintext that does not change,
         and each row is swapped only if it still holds the blob that was read (compare-and-swap)."""
         target = self._unsealed().barrier.keyring.active
+        self.audit.record(AuditEntry("OK"))
         pending = [
             (gallery, row)
             for gallery in self._config.galleries.values()
@@ -323,11 +348,10 @@ class Core:
                 raise FailedPrecondition("the active key version cannot be retired; rotate first")
             in_use = self._store.key_version_counts().get(version, 0)
             if in_use:
-                raise FailedPrecondition(
-                    f"key version {version} still seals {in_use} templates; run Rewrap first"
-                )
+                raise FailedPrecondition(f"key version {version} still seals {in_use} templates; run Rewrap first")
+            self.audit.record(AuditEntry("OK"))
             keyring = vault.retire_version(self._store, self._seal, keyring, version)
-            self._state = _Unsealed(Barrier(keyring), state.galleries)
+            self._state = _Unsealed(Barrier(keyring), state.galleries, state.audit_key)
             self._publish()
         log.info("data key retired", extra={"key_version": version})
 

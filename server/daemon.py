@@ -25,6 +25,7 @@ from faceseal.server import hygiene, logs
 from faceseal.server.api import admin
 from faceseal.server.api.observe import MetricsInterceptor
 from faceseal.server.api.service import PERMISSIONS, FaceSealServicer
+from faceseal.server.audit.log import AuditEntry
 from faceseal.server.auth.interceptor import AuthInterceptor, PolicyHolder
 from faceseal.server.auth.policy import load_policy
 from faceseal.server.config import Config, load_config, split_address
@@ -64,9 +65,7 @@ class _Certificates:
         try:
             key, cert, ca = s.tls_key.read_bytes(), s.tls_cert.read_bytes(), s.client_ca.read_bytes()
         except OSError as exc:
-            raise ConfigError(
-                f"{self._config.path}: cannot read a TLS file: {exc.filename}: {exc.strerror}"
-            ) from None
+            raise ConfigError(f"{self._config.path}: cannot read a TLS file: {exc.filename}: {exc.strerror}") from None
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def reload(self) -> None:
@@ -87,7 +86,7 @@ class Daemon:
         self.store = open_store(config)
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry, config.galleries, _methods())
-        self.core = Core(config, self.store, open_seal(config), self.metrics)
+        self.core = Core(config, self.store, open_seal(config), self.metrics, config.audit.dir)
         self.metrics_port: int | None = None
         self._metrics_server: Any = None
         self._stop_unsealing = threading.Event()
@@ -96,7 +95,7 @@ class Daemon:
             ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="rpc"),
             interceptors=[
                 MetricsInterceptor(self.metrics),
-                AuthInterceptor(self.policies, PERMISSIONS | admin.PERMISSIONS, self.metrics),
+                AuthInterceptor(self.policies, PERMISSIONS | admin.PERMISSIONS, self.metrics, self._audit_failure),
             ],
             options=[
                 ("grpc.max_receive_message_length", limit),
@@ -105,9 +104,7 @@ class Daemon:
             ],
         )
         faceseal_pb2_grpc.add_FaceSealServiceServicer_to_server(FaceSealServicer(self.core), self.server)
-        admin_pb2_grpc.add_FaceSealAdminServiceServicer_to_server(
-            admin.FaceSealAdminServicer(self.core), self.server
-        )
+        admin_pb2_grpc.add_FaceSealAdminServiceServicer_to_server(admin.FaceSealAdminServicer(self.core), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -127,10 +124,15 @@ class Daemon:
             raise ConfigError(f"{config.path}: key 'server.listen': cannot listen on {config.server.listen}")
         self.core.on_seal_change(self._set_health)
 
+    def _audit_failure(self, request: Any, code: grpc.StatusCode) -> None:
+        """Record a call that failed before the core recorded it. Only a configured gallery name
+        is written; a malformed or unknown one is recorded as null, never echoed."""
+        gallery = self.core.resolve_gallery(getattr(request, "gallery", "") or "")
+        subject = getattr(request, "subject_id", None) or None
+        self.core.audit.record(AuditEntry(code.name, gallery, subject if gallery else None))
+
     def _set_health(self, sealed: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.NOT_SERVING if sealed else health_pb2.HealthCheckResponse.SERVING
-        )
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if sealed else health_pb2.HealthCheckResponse.SERVING
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
 
@@ -169,9 +171,7 @@ class Daemon:
             policy = load_policy(self.config.server.policy)
             self._certs.reload()
         except ConfigError as exc:
-            log.error(
-                "reload refused; keeping the running policy and certificates", extra={"reason": str(exc)}
-            )
+            log.error("reload refused; keeping the running policy and certificates", extra={"reason": str(exc)})
             return
         self.policies.replace(policy)
         log.info("policy and certificates reloaded", extra={"callers": len(policy.rules)})
@@ -182,6 +182,7 @@ class Daemon:
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.server.grace_seconds if grace is None else grace).wait()
         self.store.close()
+        self.core.audit.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

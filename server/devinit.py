@@ -49,6 +49,10 @@ policy = "policy.toml"
 [store]
 url = "sqlite:data/faceseal.db"
 
+[audit]
+# One JSON line per call, HMAC-chained; check with: faceseald audit verify --config faceseal.toml
+dir = "data/audit"
+
 [metrics]
 # Prometheus scrapes http://{metrics_listen}/metrics (loopback only; set tls_cert/tls_key for TLS).
 listen = "{metrics_listen}"
@@ -96,9 +100,7 @@ def init_dev(directory: Path, *, force: bool = False, listen: str = "127.0.0.1:5
             raise ConfigError(f"{config} already exists; pass --force to replace the whole dev setup")
         for rel in _LAYOUT:
             if (directory / rel).exists():
-                raise ConfigError(
-                    f"{directory / rel} exists (did an earlier init stop half-way?); pass --force"
-                )
+                raise ConfigError(f"{directory / rel} exists (did an earlier init stop half-way?); pass --force")
     _make_private_dir(directory)
     _make_private_dir(directory / "clients")
     _make_private_dir(directory / "data")

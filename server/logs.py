@@ -18,17 +18,14 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = (
-                    value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
-                )
+                entry[key] = value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception_type"] = record.exc_info[0].__name__
         return json.dumps(entry, separators=(",", ":"))

@@ -27,9 +27,7 @@ class Metrics:
     ) -> None:
         self.registry = registry
         labels = ("grpc_type", "grpc_service", "grpc_method")
-        self.started = Counter(
-            "grpc_server_started_total", "RPCs started on the server.", labels, registry=registry
-        )
+        self.started = Counter("grpc_server_started_total", "RPCs started on the server.", labels, registry=registry)
         self.handled = Counter(
             "grpc_server_handled_total",
             "RPCs completed on the server, regardless of success or failure.",
@@ -64,13 +62,9 @@ class Metrics:
             ("gallery",),
             registry=registry,
         )
-        self.templates = Gauge(
-            "faceseal_templates", "Templates opened in memory.", ("gallery",), registry=registry
-        )
+        self.templates = Gauge("faceseal_templates", "Templates opened in memory.", ("gallery",), registry=registry)
         self.sealed = Gauge("faceseal_sealed", "1 while the keyring is not unwrapped.", registry=registry)
-        self.key_versions = Gauge(
-            "faceseal_key_versions", "Data-key versions in the keyring.", registry=registry
-        )
+        self.key_versions = Gauge("faceseal_key_versions", "Data-key versions in the keyring.", registry=registry)
         self.audit_records = Counter("faceseal_audit_records", "Audit records written.", registry=registry)
         self.audit_failures = Counter(
             "faceseal_audit_write_failures", "Audit records that could not be written.", registry=registry

@@ -33,9 +33,7 @@ def gallery_name(value: str) -> str:
 def vector(values: Sequence[float], dimension: int, field: str) -> npt.NDArray[np.float32]:
     """A finite, non-zero float32 vector of the gallery's dimension."""
     if len(values) != dimension:
-        raise InvalidArgument(
-            f"{field} must have exactly {dimension} values for this gallery, got {len(values)}"
-        )
+        raise InvalidArgument(f"{field} must have exactly {dimension} values for this gallery, got {len(values)}")
     arr = np.asarray(values, dtype=np.float32)
     if not np.all(np.isfinite(arr)):
         raise InvalidArgument(f"{field} must contain only finite numbers (no NaN or infinity)")

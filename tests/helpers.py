@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import sqlite3
@@ -30,7 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from faceseal.client import FaceSealClient
+from faceseal.client import AdminClient, FaceSealClient
 from faceseal.server import pki
 from faceseal.server.config import load_config
 from faceseal.server.daemon import Daemon
@@ -94,9 +95,7 @@ def euclidean(a: F32, b: F32) -> float:
 def load_real_encodings() -> tuple[F32, npt.NDArray[np.str_]]:
     """The 140 dlib encodings of /work/shared/data (never printed: they are biometric data)."""
     if not DATA_FILE.is_file():
-        raise AssertionError(
-            f"test data missing: {DATA_FILE} (face_encodings_dlib128.npz, see shared/data/README.md)"
-        )
+        raise AssertionError(f"test data missing: {DATA_FILE} (face_encodings_dlib128.npz, see shared/data/README.md)")
     with np.load(DATA_FILE, allow_pickle=False) as data:
         encodings = np.asarray(data["encodings"], dtype=np.float32)
         labels = np.asarray(data["labels"])
@@ -454,3 +453,114 @@ class SubprocessDaemon:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
+
+
+# ------------------------------------------------------------ admin client, backups, seal migration
+# (appended for tests/test_admin.py, test_rotation.py and test_seal_migrate.py; reusable by the
+# PKCS#11 and Transit seal tests: write_seal_toml + migrate_and_restart work for any seal type)
+
+# Keys of a [seal] table that hold paths, resolved against the file the table was read from.
+SEAL_PATH_KEYS = ("key_file", "module", "pin_file", "token_file", "ca_cert")
+
+
+def admin_client(dev: Dev, target: str, *, profile: str = "admin", timeout: float = 10.0) -> AdminClient:
+    """An ``AdminClient`` with ``profile``'s certificate, closed with the other clients of ``dev``."""
+    client = AdminClient.from_profile(profile, dev_dir=dev.dir, target=target, timeout=timeout)
+    dev._closers.append(client.close)
+    return client
+
+
+def sqlite_backup(source: Path, destination: Path) -> None:
+    """A consistent copy of a live SQLite store, taken with SQLite's online backup API."""
+    with (
+        contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as src,
+        contextlib.closing(sqlite3.connect(destination)) as dst,
+    ):
+        src.backup(dst)
+
+
+def key_versions_in_db(path: Path) -> tuple[dict[int, int], list[int]]:
+    """(templates per data-key version, data-key versions in the wrapped keyring), read from the file."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT key_version, count(*) FROM templates GROUP BY key_version").fetchall()
+        wrapped = db.execute("SELECT version FROM wrapped_keys WHERE purpose = 'data' ORDER BY version")
+        return {int(v): int(n) for v, n in rows}, [int(v) for (v,) in wrapped.fetchall()]
+
+
+def write_key_file(path: Path, data: bytes | None = None, *, mode: int = 0o600) -> bytes:
+    """A file-seal key file (32 random bytes unless ``data``), created 0600, then set to ``mode``."""
+    key = secrets.token_bytes(32) if data is None else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    path.chmod(mode)
+    return key
+
+
+def write_seal_toml(path: Path, seal: dict[str, Any]) -> Path:
+    """A TOML file holding only a [seal] table: what ``faceseald seal migrate --to`` reads."""
+    write_atomically(path, dump_toml({"seal": seal}))
+    return path
+
+
+def run_seal_migrate(config_path: Path, target_seal_toml: Path) -> subprocess.CompletedProcess[str]:
+    """``faceseald seal migrate --config C --to T`` as a child process (the daemon must be stopped)."""
+    assert FACESEALD.is_file(), f"{FACESEALD} is missing: is the package installed in this venv?"
+    return subprocess.run(
+        [str(FACESEALD), "seal", "migrate", "--config", str(config_path), "--to", str(target_seal_toml)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def use_seal(dev: Dev, seal_toml: Path) -> None:
+    """Replace the [seal] table of the dev config with the one in ``seal_toml`` (paths made absolute)."""
+    table = dict(tomllib.loads(seal_toml.read_text(encoding="utf-8"))["seal"])
+    for key in SEAL_PATH_KEYS:
+        if isinstance(table.get(key), str) and table[key]:
+            table[key] = str(seal_toml.parent / table[key])  # an absolute value stays as it is
+    dev.edit_config(lambda c: c.__setitem__("seal", table))
+
+
+def migrate_and_restart(
+    daemon: InProcessDaemon, target_seal_toml: Path, *, between: Callable[[], None] | None = None
+) -> str:
+    """Stop the daemon, migrate its keyring to the seal in ``target_seal_toml`` (must exit 0), put
+    that seal into the config, call ``between`` (e.g. delete the old key), start it again (SERVING).
+
+    Returns the migrate command's stdout.
+    """
+    daemon.stop()
+    result = run_seal_migrate(daemon.dev.config_path, target_seal_toml)
+    assert result.returncode == 0, f"seal migrate exited {result.returncode}:\n{result.stderr}"
+    use_seal(daemon.dev, target_seal_toml)
+    if between is not None:
+        between()
+    daemon.start()
+    return result.stdout
+
+
+class SealedSubprocessDaemon(SubprocessDaemon):
+    """``faceseald serve`` that is expected to stay sealed: ``start`` returns once it is up and
+    reports NOT_SERVING (the base class's start loop waits for ``_started`` to say "SERVING",
+    which here means "listening and sealed")."""
+
+    def _started(self) -> str | None:
+        assert self.proc is not None
+        code = self.proc.poll()
+        if code is not None:
+            return f"exit code {code}"
+        return "SERVING" if health(self.dev, self.target, timeout=1.0) == "NOT_SERVING" else None
+
+
+def log_records(text: str) -> list[dict[str, Any]]:
+    """The JSON lines of a daemon log (other lines, e.g. a traceback, are skipped)."""
+    records = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict):
+                records.append(record)
+    return records

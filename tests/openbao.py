@@ -222,9 +222,7 @@ class OpenBao:
                 mount_point=self.mount,
             )
             policy = f"faceseal-seal-{self.key_name}"
-            client.sys.create_or_update_policy(
-                policy, SEAL_POLICY.format(mount=self.mount, key=self.key_name)
-            )
+            client.sys.create_or_update_policy(policy, SEAL_POLICY.format(mount=self.mount, key=self.key_name))
             # A root token may choose a token's id, which is what lets the token file exist
             # before the server does.
             client.auth.token.create(id=self.seal_token, policies=[policy], no_default_policy=True, ttl="1h")
@@ -233,9 +231,7 @@ class OpenBao:
         """A 0600 token file holding a new token limited to ``policy`` (a template taking
         ``mount`` and ``key``, e.g. SERVE_POLICY)."""
         with self.admin() as client:
-            client.sys.create_or_update_policy(
-                f"faceseal-{name}", policy.format(mount=self.mount, key=self.key_name)
-            )
+            client.sys.create_or_update_policy(f"faceseal-{name}", policy.format(mount=self.mount, key=self.key_name))
             token = client.auth.token.create(policies=[f"faceseal-{name}"], no_default_policy=True, ttl="1h")
         path = self.workdir / f"{name}.token"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

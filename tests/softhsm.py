@@ -97,10 +97,7 @@ def _create(home: Path, module: Path, util: str, token_label: str) -> SoftHsmTok
     tokens.mkdir(mode=0o700)
     conf = home / "softhsm2.conf"
     conf.write_text(
-        f"directories.tokendir = {tokens}\n"
-        "objectstore.backend = file\n"
-        "log.level = ERROR\n"
-        "slots.removable = false\n",
+        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
         encoding="utf-8",
     )
     pin = secrets.token_hex(8)
@@ -115,9 +112,7 @@ def _create(home: Path, module: Path, util: str, token_label: str) -> SoftHsmTok
         check=False,
     )
     if result.returncode != 0:
-        raise RuntimeError(
-            f"softhsm2-util --init-token failed: {result.stderr.strip() or result.stdout.strip()}"
-        )
+        raise RuntimeError(f"softhsm2-util --init-token failed: {result.stderr.strip() or result.stdout.strip()}")
     pin_file = home / "user.pin"
     fd = os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -144,9 +139,7 @@ def _reset(token: SoftHsmToken) -> None:
 
 
 @pytest.fixture
-def softhsm_token(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[SoftHsmToken]:
+def softhsm_token(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftHsmToken]:
     """The session's SoftHSM2 token, with SOFTHSM2_CONF pointing at it for this test."""
     util = shutil.which("softhsm2-util")
     if util is None:

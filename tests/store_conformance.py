@@ -105,9 +105,7 @@ class StoreConformance:
             ("data", 10),
             ("index", 1),
         ]
-        assert {(k.purpose, k.version): k.wrapped for k in listed} == {
-            (k.purpose, k.version): k.wrapped for k in keys
-        }
+        assert {(k.purpose, k.version): k.wrapped for k in listed} == {(k.purpose, k.version): k.wrapped for k in keys}
         assert store.delete_wrapped_key("data", 2) is True
         assert store.delete_wrapped_key("data", 2) is False
         assert store.delete_wrapped_key("index", 2) is False
@@ -276,9 +274,7 @@ class StoreConformance:
         assert nonzero(store.key_version_counts()) == {1: 3, 2: 1}
         assert nonzero(store.gallery_counts()) == {"g1": (2, 3), "g2": (1, 1)}
 
-        assert store.replace_template(
-            row("g1", "alice", "a1", version=1), row("g1", "alice", "a1", version=2)
-        )
+        assert store.replace_template(row("g1", "alice", "a1", version=1), row("g1", "alice", "a1", version=2))
         assert nonzero(store.key_version_counts()) == {1: 2, 2: 2}
 
         store.delete_subject("g2", ref("alice"))

@@ -76,12 +76,8 @@ def _cases() -> dict[str, Case]:
         cases[f"enroll-{name}"] = Case(
             "Enroll", pb.EnrollRequest(gallery=gallery, subject_id="carol", encoding=GOOD), code
         )
-        cases[f"match-{name}"] = Case(
-            "Match", pb.MatchRequest(gallery=gallery, subject_id="alice", probe=GOOD), code
-        )
-        cases[f"identify-{name}"] = Case(
-            "Identify", pb.IdentifyRequest(gallery=gallery, probe=GOOD, top_k=5), code
-        )
+        cases[f"match-{name}"] = Case("Match", pb.MatchRequest(gallery=gallery, subject_id="alice", probe=GOOD), code)
+        cases[f"identify-{name}"] = Case("Identify", pb.IdentifyRequest(gallery=gallery, probe=GOOD, top_k=5), code)
         cases[f"delete-{name}"] = Case("Delete", pb.DeleteRequest(gallery=gallery, subject_id="alice"), code)
     cases["identify-top_k-0"] = Case("Identify", pb.IdentifyRequest(probe=GOOD, top_k=0), INVALID)
     cases["identify-top_k-1e9"] = Case("Identify", pb.IdentifyRequest(probe=GOOD, top_k=10**9), INVALID)

@@ -58,9 +58,7 @@ def test_blobs_do_not_contain_the_plaintext(barrier: Barrier, encoding: np.ndarr
     assert encoding.tobytes()[:16] not in stored
 
 
-def test_round_trip_after_rotation_uses_newest_and_still_opens_old(
-    keyring: Keyring, encoding: np.ndarray
-) -> None:
+def test_round_trip_after_rotation_uses_newest_and_still_opens_old(keyring: Keyring, encoding: np.ndarray) -> None:
     old = Barrier(keyring).seal(GALLERY, "alice", TEMPLATE_ID, encoding)
     rotated = Barrier(keyring.with_version(2, SecretKey.generate()))
     new = rotated.seal(GALLERY, "alice", "t2", encoding)
@@ -142,9 +140,7 @@ def test_any_flipped_byte_fails(barrier: Barrier, encoding: np.ndarray, which: s
 
 @pytest.mark.parametrize("which", ["subject_blob", "template_blob"])
 @pytest.mark.parametrize("edit", ["truncate-1", "append-1", "drop-tag", "empty"])
-def test_truncated_or_extended_blob_fails(
-    barrier: Barrier, encoding: np.ndarray, which: str, edit: str
-) -> None:
+def test_truncated_or_extended_blob_fails(barrier: Barrier, encoding: np.ndarray, which: str, edit: str) -> None:
     sealed = barrier.seal(GALLERY, "alice", TEMPLATE_ID, encoding)
     original: bytes = getattr(sealed, which)
     edited_blob = {
@@ -166,9 +162,7 @@ def test_failures_are_indistinguishable(barrier: Barrier, encoding: np.ndarray) 
         lambda: _open(barrier, "other", "alice", TEMPLATE_ID, sealed),
         lambda: _open(barrier, GALLERY, "alice", "t", sealed),
         lambda: _open(barrier, GALLERY, "alice", TEMPLATE_ID, dataclasses.replace(sealed, key_version=9)),
-        lambda: _open(
-            barrier, GALLERY, "alice", TEMPLATE_ID, dataclasses.replace(sealed, template_blob=b"x")
-        ),
+        lambda: _open(barrier, GALLERY, "alice", TEMPLATE_ID, dataclasses.replace(sealed, template_blob=b"x")),
         lambda: barrier.open(GALLERY, barrier.subject_ref(GALLERY, "alice"), TEMPLATE_ID, sealed, 3),
     ]
     for attempt in attempts:

@@ -69,9 +69,7 @@ def test_encode_with_aesgcm_reproduces_blob(case: dict[str, Any], kind: str) -> 
         aad = blob.template_aad(case["gallery"], case["subject_id"], case["template_id"], case["key_version"])
     else:
         plaintext = case["subject_id"].encode()
-        aad = blob.subject_aad(
-            case["gallery"], _h(case, "subject_ref"), case["template_id"], case["key_version"]
-        )
+        aad = blob.subject_aad(case["gallery"], _h(case, "subject_ref"), case["template_id"], case["key_version"])
     nonce = _h(case, f"{kind}_nonce")
     ciphertext = AESGCM(_h(case, "data_key")).encrypt(nonce, plaintext, aad)
     assert blob.encode(case["key_version"], nonce, ciphertext).hex() == case[f"{kind}_blob"]
@@ -177,9 +175,7 @@ def test_parse_accepts_the_shortest_valid_blob() -> None:
         (1, bytes(12), bytes(15), "tag"),
     ],
 )
-def test_encode_refuses_what_parse_would_reject(
-    version: int, nonce: bytes, ciphertext: bytes, why: str
-) -> None:
+def test_encode_refuses_what_parse_would_reject(version: int, nonce: bytes, ciphertext: bytes, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         blob.encode(version, nonce, ciphertext)
 

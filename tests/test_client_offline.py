@@ -144,9 +144,7 @@ class FakeRpcError(grpc.RpcError):
         return self._metadata
 
 
-def _rich_status(
-    code: grpc.StatusCode, message: str, retry: duration_pb2.Duration | None
-) -> status_pb2.Status:
+def _rich_status(code: grpc.StatusCode, message: str, retry: duration_pb2.Duration | None) -> status_pb2.Status:
     status = status_pb2.Status(code=code.value[0], message=message)
     if retry is not None:
         detail = any_pb2.Any()
@@ -287,9 +285,7 @@ def test_usage_errors_exit_2(argv: list[str], monkeypatch: pytest.MonkeyPatch) -
     assert info.value.code == 2
 
 
-def test_no_credentials_is_a_usage_error(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_no_credentials_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("FACESEAL_PROFILE", raising=False)
     with pytest.raises(SystemExit) as info:
         main(["health"])
@@ -353,9 +349,7 @@ def test_enroll_identify_delete_output(
     assert capsys.readouterr().out == "alice (distance 0.250)\nbob\n"
 
 
-def test_rpc_error_output(
-    dev: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_rpc_error_output(dev: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     def locked(*args: object, **kwargs: object) -> MatchResult:
         raise ResourceExhaustedError(grpc.StatusCode.RESOURCE_EXHAUSTED, "subject locked out", retry_after=30)
 
@@ -363,9 +357,7 @@ def test_rpc_error_output(
     assert main(["--json", "match", "alice", str(dev / "probe.npy")]) == 1
     captured = capsys.readouterr()
     assert captured.err == "faceseal: RESOURCE_EXHAUSTED: subject locked out\n"
-    assert json.loads(captured.out) == {
-        "error": {"code": "RESOURCE_EXHAUSTED", "message": "subject locked out"}
-    }
+    assert json.loads(captured.out) == {"error": {"code": "RESOURCE_EXHAUSTED", "message": "subject locked out"}}
 
 
 @pytest.mark.parametrize(("status", "exit_code"), [("SERVING", 0), ("NOT_SERVING", 1)])

@@ -79,6 +79,8 @@ def test_config_and_policy_parse(dev: Path) -> None:
             "policy": "policy.toml",
         },
         "store": {"url": "sqlite:data/faceseal.db"},
+        "audit": {"dir": "data/audit"},
+        "metrics": {"listen": "127.0.0.1:9464"},
         "seal": {"type": "file", "key_file": "seal.key"},
         "galleries": {"faces": {"dimension": 128, "metric": "euclidean", "threshold": 0.6}},
     }

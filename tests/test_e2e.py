@@ -7,8 +7,12 @@ import re
 
 import pytest
 from helpers import InProcessDaemon, euclidean, nearby, random_encodings
+from seals import EACH_SEAL
 
 from faceseal.client import NotFoundError
+
+# Once per seal: file, PKCS#11 (SoftHSM2), Transit (OpenBao).
+pytestmark = EACH_SEAL
 
 
 @pytest.fixture
@@ -123,9 +127,7 @@ def test_identify_ranks_closest_first_and_honours_top_k(with_auditor: InProcessD
     assert [c.subject_id for c in auditor.identify(base, top_k=2)] == ["near", "mid"]
     # The gateway sees the same ranking, without distances.
     gateway = with_auditor.client("gateway")
-    assert [(c.subject_id, c.distance) for c in gateway.identify(base, top_k=10)] == [
-        (s, None) for s, _ in want
-    ]
+    assert [(c.subject_id, c.distance) for c in gateway.identify(base, top_k=10)] == [(s, None) for s, _ in want]
 
 
 def test_enrollments_survive_a_restart(harness: InProcessDaemon) -> None:

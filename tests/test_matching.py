@@ -107,9 +107,7 @@ def test_match_unknown_subject_is_not_found() -> None:
 def test_remove_then_match_is_not_found_and_others_survive_the_row_swap() -> None:
     rng = np.random.default_rng(3)
     g = Gallery(_cfg(dim=8), capacity=2)  # small, so the matrix grows as well
-    templates = {
-        f"s{i}": [rng.standard_normal(8).astype(np.float32) for _ in range(i % 3 + 1)] for i in range(6)
-    }
+    templates = {f"s{i}": [rng.standard_normal(8).astype(np.float32) for _ in range(i % 3 + 1)] for i in range(6)}
     for sid, ts in templates.items():
         for j, t in enumerate(ts):
             g.add(sid, f"{sid}-{j}", t, subject_ref=_ref(sid))
@@ -194,9 +192,7 @@ def test_identify_equals_brute_force_on_random_galleries(metric: str) -> None:
         for i in range(n_subjects):
             sid = f"s{i:03d}"
             count = int(rng.integers(1, 6))
-            subjects[sid] = [
-                (centres[i] + 0.3 * rng.standard_normal(dim)).astype(np.float32) for _ in range(count)
-            ]
+            subjects[sid] = [(centres[i] + 0.3 * rng.standard_normal(dim)).astype(np.float32) for _ in range(count)]
             rows += subjects[sid]
         probes = [
             (centres[int(rng.integers(n_subjects))] + 0.2 * rng.standard_normal(dim)).astype(np.float32)
@@ -224,9 +220,7 @@ def test_identify_equals_brute_force_on_random_galleries(metric: str) -> None:
             subjects[sid] = [fresh]
         for top_k in (1, 5, 100):
             for p, probe in enumerate(probes):
-                _check_identify(
-                    g, subjects, probe, top_k, f"trial {trial} after removals top_k {top_k} probe {p}"
-                )
+                _check_identify(g, subjects, probe, top_k, f"trial {trial} after removals top_k {top_k} probe {p}")
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -239,9 +233,7 @@ def test_identify_finds_other_subjects_behind_one_with_many_close_templates(metr
         "crowd": [(probe + 0.01 * rng.standard_normal(dim)).astype(np.float32) for _ in range(200)]
     }
     for i in range(30):
-        subjects[f"other{i:02d}"] = [
-            (probe + (0.05 + 0.01 * i) * rng.standard_normal(dim)).astype(np.float32)
-        ]
+        subjects[f"other{i:02d}"] = [(probe + (0.05 + 0.01 * i) * rng.standard_normal(dim)).astype(np.float32)]
     for i in range(300):
         subjects[f"far{i:03d}"] = [rng.standard_normal(dim).astype(np.float32) * 3]
     threshold = max(_ref_distance(subjects["other29"][0], probe, metric) * 1.01, 1e-6)

@@ -1,6 +1,9 @@
-"""After a full session (enroll, match, identify, delete, stop), nothing the daemon wrote holds the
-KEK, an enrolled encoding or a subject id in clear: not the database, its -wal and -shm files,
-nor the daemon's log."""
+"""After a full session (enroll, match, identify, delete, stop), nothing the daemon wrote holds a
+key, a seal credential, an enrolled encoding or a subject id in clear: not the database, its
+-wal and -shm files, the audit log, nor the daemon's log. Once per seal: the dev key file's KEK,
+the PKCS#11 PIN and the Vault tokens are needles, and so are the data keys and the index key
+(unwrapped by the test through the seal after the daemon stopped). The HSM's and the engine's
+KEKs cannot be needles: the test checks that the token and the engine refuse to reveal them."""
 
 from __future__ import annotations
 
@@ -10,8 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import SubprocessDaemon, load_real_encodings
+from seals import (
+    EACH_SEAL,
+    SealSetup,
+    assert_kek_stays_in_token,
+    assert_transit_key_stays_in_engine,
+    unwrapped_keyring,
+)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, EACH_SEAL]
 
 SUBJECTS = [
     "subject-zebra-1234",
@@ -23,15 +33,22 @@ SUBJECTS = [
 ]
 
 
-def _needles(kek: bytes, encodings: np.ndarray) -> dict[str, bytes]:
-    """Byte strings that must appear in no file, by a name safe to print."""
-    needles = {
-        "KEK": kek,
-        "KEK (hex)": kek.hex().encode(),
-        "KEK (HEX)": kek.hex().upper().encode(),
-        "KEK (base64)": base64.b64encode(kek).rstrip(b"="),
-        "KEK (base64url)": base64.urlsafe_b64encode(kek).rstrip(b"="),
+def _secret_needles(name: str, secret: bytes) -> dict[str, bytes]:
+    """A secret and the encodings a careless line would write it in."""
+    return {
+        name: secret,
+        f"{name} (hex)": secret.hex().encode(),
+        f"{name} (HEX)": secret.hex().upper().encode(),
+        f"{name} (base64)": base64.b64encode(secret).rstrip(b"="),
+        f"{name} (base64url)": base64.urlsafe_b64encode(secret).rstrip(b"="),
     }
+
+
+def _needles(secrets: dict[str, bytes], encodings: np.ndarray) -> dict[str, bytes]:
+    """Byte strings that must appear in no file, by a name safe to print."""
+    needles: dict[str, bytes] = {}
+    for name, secret in secrets.items():
+        needles.update(_secret_needles(name, secret))
     for n, subject in enumerate(SUBJECTS):
         needles[f"subject id #{n}"] = subject.encode()
         needles[f"subject id #{n} (utf-16)"] = subject.encode("utf-16-le")
@@ -50,19 +67,26 @@ def _needles(kek: bytes, encodings: np.ndarray) -> dict[str, bytes]:
     return needles
 
 
-def _leaks(files: list[Path], needles: dict[str, bytes]) -> list[str]:
+def _leaks(contents: dict[str, bytes], needles: dict[str, bytes]) -> list[str]:
     found = []
-    for path in files:
-        data = path.read_bytes()
-        found += [f"{path.name}: {name}" for name, needle in needles.items() if needle in data]
+    for where, data in contents.items():
+        found += [f"{where}: {name}" for name, needle in needles.items() if needle in data]
     return found
 
 
-def test_nothing_in_clear_on_disk_or_in_logs(subprocess_daemon: SubprocessDaemon) -> None:
+def _read(files: list[Path], label: str = "") -> dict[str, bytes]:
+    return {f"{label}{path.name}": path.read_bytes() for path in files}
+
+
+def test_nothing_in_clear_on_disk_or_in_logs(subprocess_daemon: SubprocessDaemon, seal_setup: SealSetup) -> None:
     dev = subprocess_daemon.dev
     encodings, _ = load_real_encodings()
     chosen = encodings[[0, 11, 27, 48, 90, 131]]
-    needles = _needles(dev.kek(), chosen)
+    secrets = dict(seal_setup.secrets)
+    if seal_setup.kind == "file":
+        secrets["KEK"] = dev.kek()
+    else:
+        assert not (dev.dir / "seal.key").exists()  # this daemon has no key file to read
 
     subprocess_daemon.start()
     target = subprocess_daemon.target
@@ -77,24 +101,43 @@ def test_nothing_in_clear_on_disk_or_in_logs(subprocess_daemon: SubprocessDaemon
         assert enroller.delete(SUBJECTS[4]) == 1
         assert enroller.enroll(SUBJECTS[5], chosen[0], replace=True).template_count == 1
 
-        # While running, the -wal file holds every recent write: look at it now.
+        # While running, the -wal file holds every recent write: take it now, search it below
+        # (once the data keys are known).
         written = sorted(p for p in dev.data_dir.rglob("*") if p.is_file())
         assert dev.db_path in written
         assert dev.db_path.with_name("faceseal.db-wal") in written
-        assert _leaks(written, needles) == []
+        running = _read(written, "while running: ")
 
     assert subprocess_daemon.stop() == 0
     written = sorted(p for p in dev.data_dir.rglob("*") if p.is_file())
     assert dev.db_path in written
     log = subprocess_daemon.log_path
     assert '"msg":"stopped"' in log.read_text()  # the log was captured: it is not empty
-    assert _leaks([*written, log], needles) == []
+    stopped = _read([*written, log])
+
+    keyring = unwrapped_keyring(dev)
+    assert {"index key v1", "data key v1"} <= set(keyring)
+    needles = _needles({**secrets, **keyring}, chosen)
+    assert _leaks({**running, **stopped}, needles) == []
+
+    # The KEK of an HSM or an engine cannot be searched for: it never leaves the seal.
+    if seal_setup.token is not None:
+        assert_kek_stays_in_token(seal_setup.token, seal_setup.key_label)
+    if seal_setup.bao is not None:
+        assert_transit_key_stays_in_engine(seal_setup.bao, seal_setup.key_name)
 
     # The checks can fail: the same search finds each kind of needle where it is present.
-    planted = dev.dir.parent / "planted"
-    planted.write_bytes(b"x" + dev.kek() + chosen[2].astype("<f4").tobytes()[40:60] + SUBJECTS[1].encode())
-    assert {leak.split(": ", 1)[1].split(" (")[0] for leak in _leaks([planted], needles)} == {
-        "KEK",
+    secret_name, secret = next(iter(secrets.items()))
+    planted = {
+        "planted": b"x"
+        + secret
+        + keyring["data key v1"].hex().encode()
+        + chosen[2].astype("<f4").tobytes()[40:60]
+        + SUBJECTS[1].encode()
+    }
+    assert {leak.split(": ", 1)[1].split(" (")[0] for leak in _leaks(planted, needles)} == {
+        secret_name,
+        "data key v1",
         "encoding #2",
         "subject id #1",
     }

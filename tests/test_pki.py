@@ -45,9 +45,7 @@ def test_ca_is_a_constrained_signing_ca(ca: pki.Issued) -> None:
 def test_client_certificate_verifies_against_its_ca(ca: pki.Issued) -> None:
     client = pki.issue_client(ca, "gateway", spiffe_id="spiffe://faceseal.dev/gateway")
     _verify_client(ca, client)
-    assert _sans(client).get_values_for_type(x509.UniformResourceIdentifier) == [
-        "spiffe://faceseal.dev/gateway"
-    ]
+    assert _sans(client).get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://faceseal.dev/gateway"]
     assert client.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "gateway"
     eku = client.cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]

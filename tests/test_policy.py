@@ -37,9 +37,7 @@ def _resolve(policy: Policy, identity: str) -> Caller:
 
 
 def test_unknown_identity_is_nobody() -> None:
-    policy = _policy(
-        _rule("spiffe://corp/gw/a", ["match"], ["*"]), _rule("spiffe://corp/enr/*", ["enroll"], ["*"])
-    )
+    policy = _policy(_rule("spiffe://corp/gw/a", ["match"], ["*"]), _rule("spiffe://corp/enr/*", ["enroll"], ["*"]))
     for stranger in (
         "spiffe://corp/gw/b",
         "spiffe://corp/gw/a/x",
@@ -73,9 +71,7 @@ EXACT_AND_PREFIX = [
 ]
 
 
-@pytest.mark.parametrize(
-    "rules", [EXACT_AND_PREFIX, EXACT_AND_PREFIX[::-1]], ids=["prefix-first", "exact-first"]
-)
+@pytest.mark.parametrize("rules", [EXACT_AND_PREFIX, EXACT_AND_PREFIX[::-1]], ids=["prefix-first", "exact-first"])
 def test_exact_rule_beats_prefix(rules: list[str]) -> None:
     policy = _policy(*rules)
     kiosk = _resolve(policy, "spiffe://corp/gw/kiosk-7")
@@ -95,10 +91,7 @@ def test_exact_rule_beats_a_prefix_as_long_or_longer(prefix: str) -> None:
     """Specificity is exact-before-prefix first, length second: 'kiosk-7*' does not outrank 'kiosk-7'."""
     for rules in ([prefix, "spiffe://corp/gw/kiosk-7"], ["spiffe://corp/gw/kiosk-7", prefix]):
         policy = _policy(
-            *(
-                _rule(r, ["match"], ["lobby"]) if not r.endswith("*") else _rule(r, ["admin"], ["*"])
-                for r in rules
-            )
+            *(_rule(r, ["match"], ["lobby"]) if not r.endswith("*") else _rule(r, ["admin"], ["*"]) for r in rules)
         )
         kiosk = _resolve(policy, "spiffe://corp/gw/kiosk-7")
         assert not kiosk.may(Permission.ADMIN)
@@ -282,12 +275,8 @@ def test_identity_falls_back_to_cn(ca: pki.Issued) -> None:
 
 
 def test_identity_feeds_the_policy(ca: pki.Issued) -> None:
-    policy = _policy(
-        _rule("spiffe://corp/gw/*", ["match"], ["*"]), _rule("gw.corp.example", ["identify"], ["*"])
-    )
-    by_spiffe = pki.issue_client(
-        ca, "gw.corp.example", spiffe_id="spiffe://corp/gw/1", dns_names=["gw.corp.example"]
-    )
+    policy = _policy(_rule("spiffe://corp/gw/*", ["match"], ["*"]), _rule("gw.corp.example", ["identify"], ["*"]))
+    by_spiffe = pki.issue_client(ca, "gw.corp.example", spiffe_id="spiffe://corp/gw/1", dns_names=["gw.corp.example"])
     caller = _resolve(policy, identity_of(by_spiffe.cert) or "")
     assert caller.may(Permission.MATCH)
     assert not caller.may(Permission.IDENTIFY)

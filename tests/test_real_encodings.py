@@ -13,6 +13,10 @@ from itertools import combinations
 import numpy as np
 import pytest
 from helpers import InProcessDaemon, load_real_encodings
+from seals import EACH_SEAL
+
+# Once per seal: file, PKCS#11 (SoftHSM2), Transit (OpenBao).
+pytestmark = EACH_SEAL
 
 THRESHOLD = 0.6
 CLIENTS = 8
@@ -41,11 +45,7 @@ def test_every_pair_agrees_with_numpy(loaded: tuple[InProcessDaemon, np.ndarray]
 
     def run(worker: int) -> list[tuple[int, int, bool, float | None]]:
         client = clients[worker]
-        return [
-            (i, j, r.match, r.distance)
-            for i, j in pairs[worker::CLIENTS]
-            for r in [client.match(str(j), e[i])]
-        ]
+        return [(i, j, r.match, r.distance) for i, j in pairs[worker::CLIENTS] for r in [client.match(str(j), e[i])]]
 
     with ThreadPoolExecutor(CLIENTS) as pool:
         results = [row for rows in pool.map(run, range(CLIENTS)) for row in rows]

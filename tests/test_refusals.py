@@ -21,11 +21,15 @@ from helpers import (
     rpc_code,
     rpc_error,
 )
+from seals import EACH_SEAL
 
 from faceseal.client import NotFoundError
 from faceseal.server import pki
 from faceseal.v1 import faceseal_pb2 as pb
 from faceseal.v1 import faceseal_pb2_grpc
+
+# Once per seal: file, PKCS#11 (SoftHSM2), Transit (OpenBao).
+pytestmark = EACH_SEAL
 
 ALICE, BOB, STRANGER = random_encodings(3, seed=100)
 

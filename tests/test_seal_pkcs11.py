@@ -268,9 +268,7 @@ def test_group_or_world_readable_pin_file_is_refused(
     assert softhsm_token.pin not in str(config_info.value)
 
 
-def test_missing_pin_file_and_module_are_config_errors(
-    softhsm_token: SoftHsmToken, kek: str, tmp_path: Path
-) -> None:
+def test_missing_pin_file_and_module_are_config_errors(softhsm_token: SoftHsmToken, kek: str, tmp_path: Path) -> None:
     source = Path("/etc/faceseal/faceseal.toml")
     with pytest.raises(ConfigError, match="PIN file"):
         seal_from_config(config(softhsm_token, kek, pin_file=tmp_path / "absent.pin"), source)
@@ -402,9 +400,7 @@ def test_vault_keyring_round_trip(softhsm_token: SoftHsmToken, kek: str, tmp_pat
         store.close()
 
 
-def test_vault_retire_version_shreds_old_backups(
-    softhsm_token: SoftHsmToken, kek: str, tmp_path: Path
-) -> None:
+def test_vault_retire_version_shreds_old_backups(softhsm_token: SoftHsmToken, kek: str, tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "faceseal.db")
     try:
         seal = make_seal(softhsm_token, kek)

@@ -10,8 +10,12 @@ from pathlib import Path
 
 import pytest
 from helpers import InProcessDaemon, db_execute, nearby, random_encodings
+from seals import EACH_SEAL
 
 from faceseal.client import DataLossError, FaceSealClient, NotFoundError
+
+# Once per seal: file, PKCS#11 (SoftHSM2), Transit (OpenBao).
+pytestmark = EACH_SEAL
 
 ALICE, BOB, CAROL, DAVE1, DAVE2 = random_encodings(5, seed=300)
 

@@ -15,7 +15,7 @@ from faceseal.v1 import admin_pb2_grpc as pb_grpc
 _SERVICE = "/faceseal.v1.FaceSealAdminService/"
 
 PERMISSIONS = {
-    _SERVICE + name: Permission.ADMIN for name in ("GetStatus", "RotateKey", "Rewrap", "RetireKey")
+    _SERVICE + name: Permission.ADMIN for name in ("GetStatus", "RotateKey", "Rewrap", "RetireKey", "GetAuditHash")
 }
 
 
@@ -65,3 +65,9 @@ class FaceSealAdminServicer(pb_grpc.FaceSealAdminServiceServicer):
         except Exception as exc:
             abort(context, exc)
         return pb.RetireKeyResponse()
+
+    def GetAuditHash(self, request: pb.GetAuditHashRequest, context: grpc.ServicerContext) -> pb.GetAuditHashResponse:
+        try:
+            return pb.GetAuditHashResponse(subject_hmac=self._core.audit_hash(request.gallery, request.subject_id))
+        except Exception as exc:
+            abort(context, exc)

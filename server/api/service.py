@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from faceseal.server.api.errors import abort
-from faceseal.server.auth.interceptor import current
+from faceseal.server.auth.interceptor import caller
 from faceseal.server.auth.policy import Permission
 from faceseal.server.core import Core
 from faceseal.v1 import faceseal_pb2 as pb
@@ -28,9 +28,7 @@ class FaceSealServicer(pb_grpc.FaceSealServiceServicer):
 
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
         try:
-            out = self._core.enroll(
-                current().caller, request.gallery, request.subject_id, request.encoding, request.replace
-            )
+            out = self._core.enroll(caller(), request.gallery, request.subject_id, request.encoding, request.replace)
         except Exception as exc:
             abort(context, exc)
         return pb.EnrollResponse(
@@ -39,7 +37,7 @@ class FaceSealServicer(pb_grpc.FaceSealServiceServicer):
 
     def Match(self, request: pb.MatchRequest, context: grpc.ServicerContext) -> pb.MatchResponse:
         try:
-            out = self._core.match(current().caller, request.gallery, request.subject_id, request.probe)
+            out = self._core.match(caller(), request.gallery, request.subject_id, request.probe)
         except Exception as exc:
             abort(context, exc)
         response = pb.MatchResponse(match=out.match)
@@ -49,7 +47,7 @@ class FaceSealServicer(pb_grpc.FaceSealServiceServicer):
 
     def Identify(self, request: pb.IdentifyRequest, context: grpc.ServicerContext) -> pb.IdentifyResponse:
         try:
-            hits = self._core.identify(current().caller, request.gallery, request.probe, request.top_k)
+            hits = self._core.identify(caller(), request.gallery, request.probe, request.top_k)
         except Exception as exc:
             abort(context, exc)
         response = pb.IdentifyResponse()
@@ -61,7 +59,7 @@ class FaceSealServicer(pb_grpc.FaceSealServiceServicer):
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         try:
-            deleted = self._core.delete(current().caller, request.gallery, request.subject_id)
+            deleted = self._core.delete(caller(), request.gallery, request.subject_id)
         except Exception as exc:
             abort(context, exc)
         return pb.DeleteResponse(deleted=deleted)

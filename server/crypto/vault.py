@@ -23,6 +23,13 @@ def wrap_aad(purpose: str, version: int) -> bytes:
     return _CONTEXT + b"\0" + purpose.encode() + b"\0" + struct.pack(">I", version)
 
 
+def load(store: Store, seal: Seal) -> Keyring:
+    """Unwrap the stored keyring; SealError if there is none (tools must never create one)."""
+    if not store.wrapped_keys():
+        raise SealError("the store holds no keyring")
+    return load_or_create(store, seal)
+
+
 def load_or_create(store: Store, seal: Seal) -> Keyring:
     """Unwrap the stored keyring, creating it on an empty store. Raises SealError."""
     wrapped = store.wrapped_keys()

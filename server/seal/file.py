@@ -90,8 +90,7 @@ class FileSeal:
             aead = self._keys.get(wrapped[1 : 1 + _KEY_ID])
         if aead is None:
             raise SealError(
-                "a wrapped key names a key-encryption key this seal does not hold"
-                " (retired, or another key file)"
+                "a wrapped key names a key-encryption key this seal does not hold (retired, or another key file)"
             )
         try:
             return aead.decrypt(wrapped[1 + _KEY_ID : _HEADER], wrapped[_HEADER:], aad)

@@ -336,9 +336,7 @@ class Pkcs11Seal:
         try:
             self._call(generate)
         except p11e.PKCS11Error as exc:
-            raise SealError(
-                f"{self._where()}: the token refused to create a KEK version ({_name(exc)})"
-            ) from None
+            raise SealError(f"{self._where()}: the token refused to create a KEK version ({_name(exc)})") from None
 
     def retire_previous(self) -> None:
         """Destroy every KEK version but the newest. Idempotent: after a crash, call it again."""
@@ -357,9 +355,7 @@ class Pkcs11Seal:
         try:
             self._call(destroy)
         except p11e.PKCS11Error as exc:
-            raise SealError(
-                f"{self._where()}: the token refused to destroy old KEK versions ({_name(exc)})"
-            ) from None
+            raise SealError(f"{self._where()}: the token refused to destroy old KEK versions ({_name(exc)})") from None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -431,18 +427,14 @@ class Pkcs11Seal:
         except _PIN_REFUSED as exc:
             self._refuse_pin(f"the token refused the PIN from {self._pin_file} ({_name(exc)})")
         except p11e.PKCS11Error as exc:
-            raise SealUnreachable(
-                f"{self._where()}: cannot open a session ({_name(exc)}); will retry"
-            ) from None
+            raise SealUnreachable(f"{self._where()}: cannot open a session ({_name(exc)}); will retry") from None
         handle = _Handle(session)
         try:
             self._rescan(handle)
         except p11e.PKCS11Error as exc:
             _close_quietly(session)
             if _lost(exc) or isinstance(exc, _BUSY):
-                raise SealUnreachable(
-                    f"{self._where()}: cannot read the keys ({_name(exc)}); will retry"
-                ) from None
+                raise SealUnreachable(f"{self._where()}: cannot read the keys ({_name(exc)}); will retry") from None
             raise SealError(f"{self._where()}: cannot read the keys ({_name(exc)})") from None
         except BaseException:
             _close_quietly(session)

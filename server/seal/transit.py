@@ -146,9 +146,7 @@ class TransitSeal:
         if any("associated_data" in str(w) for w in response.get("warnings") or ()):
             raise SealError(f"{self.describe()} (encrypt): the engine does not support associated_data")
         ciphertext = _data(response).get("ciphertext")
-        if not isinstance(ciphertext, str) or not _CIPHERTEXT.fullmatch(
-            ciphertext.encode("ascii", "replace")
-        ):
+        if not isinstance(ciphertext, str) or not _CIPHERTEXT.fullmatch(ciphertext.encode("ascii", "replace")):
             raise SealError(f"{self.describe()} (encrypt): the engine's answer holds no ciphertext")
         return _FORMAT + ciphertext.encode("ascii")
 

@@ -174,9 +174,7 @@ class SQLiteStore:
 
     def delete_subject(self, gallery: str, subject_ref: bytes) -> int:
         def tx(db: sqlite3.Connection) -> int:
-            cur = db.execute(
-                "DELETE FROM templates WHERE gallery = ? AND subject_ref = ?", (gallery, subject_ref)
-            )
+            cur = db.execute("DELETE FROM templates WHERE gallery = ? AND subject_ref = ?", (gallery, subject_ref))
             return cur.rowcount
 
         return self._write(tx)
@@ -220,9 +218,7 @@ class SQLiteStore:
         return {int(v): int(str(c)) for v, c in rows}
 
     def gallery_counts(self) -> dict[str, tuple[int, int]]:
-        rows = self._read(
-            "SELECT gallery, count(DISTINCT subject_ref), count(*) FROM templates GROUP BY gallery"
-        )
+        rows = self._read("SELECT gallery, count(DISTINCT subject_ref), count(*) FROM templates GROUP BY gallery")
         return {str(g): (int(s), int(t)) for g, s, t in rows}
 
     def revision(self) -> int:

@@ -1,0 +1,182 @@
+"""The audit log: one JSON line per deciding or state-changing call, HMAC-chained, fail-closed.
+
+Each record carries the SHA-256 of the previous record's line and an HMAC of itself under the
+audit key, so editing, deleting, reordering or inserting a line breaks the chain at that line
+(``faceseald audit verify``). Subject ids appear only as an HMAC under the same key: an
+investigator asks the daemon for the HMAC of a subject (``faceseal admin audit-hash``) and
+searches for it; the log alone names nobody.
+
+Fail closed (after Vault's audit devices): the core writes the record *before* it commits a
+change or returns a decision, and a record that cannot be written fails the call UNAVAILABLE
+with nothing changed. Records are written with one ``write`` on an O_APPEND descriptor, so a
+kill -9 never leaves half of an acknowledged record; a torn tail from a crash mid-write (a call
+that was never acknowledged) is cut off at the next start.
+
+The audit key is derived from the keyring's index key, not from the newest data key: the index
+key never rotates, so a subject's audit HMAC stays the same across key rotations and old
+segments stay verifiable after the data keys that existed then were retired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from faceseal.server.errors import Unavailable
+from faceseal.server.metrics import Metrics
+from faceseal.server.request import current
+
+log = logging.getLogger("faceseal.audit")
+
+GENESIS = "0" * 64
+SEGMENT = re.compile(r"audit-(\d{8})\.jsonl")
+_SUBJECT_CONTEXT = b"faceseal/audit/subject\0"
+
+
+def derive_audit_key(index_key: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"faceseal/audit").derive(index_key)
+
+
+def subject_hmac(audit_key: bytes, gallery: str, subject_id: str) -> str:
+    msg = _SUBJECT_CONTEXT + gallery.encode() + b"\0" + subject_id.encode()
+    return hmac.new(audit_key, msg, hashlib.sha256).hexdigest()
+
+
+def canonical(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def record_mac(audit_key: bytes, record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "mac"}
+    return hmac.new(audit_key, canonical(body), hashlib.sha256).hexdigest()
+
+
+def line_hash(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if SEGMENT.fullmatch(p.name))
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """What the core knows about a call; the caller, method and request id come from the request."""
+
+    outcome: str
+    gallery: str | None = None
+    subject_id: str | None = None
+    decision: str | None = None
+    candidates: int | None = None
+
+
+class AuditLog:
+    """Appends chained records to numbered segment files in one directory."""
+
+    def __init__(self, directory: Path, max_bytes: int, metrics: Metrics, key: Callable[[], bytes | None]) -> None:
+        self._dir = directory
+        self._max = max_bytes
+        self._metrics = metrics
+        self._key = key
+        self._lock = threading.Lock()
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        existing = segments(directory)
+        self._number = int(SEGMENT.fullmatch(existing[-1].name).group(1)) if existing else 1  # type: ignore[union-attr]
+        self._seq, self._prev = 0, GENESIS
+        for path in reversed(existing):
+            tail = _recover_tail(path)
+            if tail is not None:
+                self._seq, self._prev = tail
+                break
+        self._fd = self._open(self._number)
+
+    def _path(self, number: int) -> Path:
+        return self._dir / f"audit-{number:08d}.jsonl"
+
+    def _open(self, number: int) -> int:
+        return os.open(self._path(number), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def subject_hmac(self, gallery: str, subject_id: str) -> str | None:
+        key = self._key()
+        return None if key is None else subject_hmac(key, gallery, subject_id)
+
+    def record(self, entry: AuditEntry) -> None:
+        """Write one record for the current call; raise Unavailable if it cannot be written."""
+        info = current()
+        key = self._key()
+        if key is None:
+            raise Unavailable("the daemon is sealed: its audit key is not available; retry later")
+        with self._lock:
+            record: dict[str, Any] = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "seq": self._seq + 1,
+                "request_id": info.request_id if info else None,
+                "caller": info.identity if info else None,
+                "method": info.method if info else None,
+                "gallery": entry.gallery,
+                "subject": None
+                if entry.subject_id is None or entry.gallery is None
+                else subject_hmac(key, entry.gallery, entry.subject_id),
+                "outcome": entry.outcome,
+                "decision": entry.decision,
+                "candidates": entry.candidates,
+                "prev": self._prev,
+            }
+            record["mac"] = record_mac(key, record)
+            line = canonical(record)
+            try:
+                if os.fstat(self._fd).st_size + len(line) + 1 > self._max and self._seq > 0:
+                    self._rotate()
+                written = os.write(self._fd, line + b"\n")
+                if written != len(line) + 1:
+                    raise OSError("short write")
+            except OSError as exc:
+                self._metrics.audit_failures.inc()
+                log.error("audit record not written; refusing the call", extra={"reason": exc.strerror or str(exc)})
+                raise Unavailable("the audit log cannot be written; the call was refused and changed nothing") from None
+            self._seq, self._prev = record["seq"], line_hash(line)
+        if info is not None:
+            info.audited = True
+        self._metrics.audit_records.inc()
+
+    def _rotate(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._number += 1
+        self._fd = self._open(self._number)
+
+    def close(self) -> None:
+        with self._lock:
+            os.close(self._fd)
+
+
+def _recover_tail(path: Path) -> tuple[int, str] | None:
+    """(seq, hash) of the last whole record in ``path``; cut off a torn last line."""
+    if not path.is_file():  # e.g. a device an operator pointed the segment at: nothing to resume
+        return None
+    data = path.read_bytes()
+    if not data:
+        return None
+    if not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        log.warning("cutting a torn audit record left by a crash", extra={"segment": path.name})
+        with path.open("r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+        if not data:
+            return None
+    last = data[:-1].rsplit(b"\n", 1)[-1]
+    return int(json.loads(last)["seq"]), line_hash(last)
