@@ -116,7 +116,7 @@ def _admin_rotate(client: AdminClient, args: argparse.Namespace) -> _Output:
 
 
 class _ProgressBar:
-    """``\r[#####.....] 256/1000`` redrawn in place; only ever drawn on a terminal."""
+    """``[#####.....] 256/1000``, redrawn in place after a carriage return; on a terminal only."""
 
     WIDTH = 30
 
@@ -160,8 +160,7 @@ def _admin_rewrap(client: AdminClient, args: argparse.Namespace) -> _Output:
         return _Output(
             data,
             f"re-sealed {last.done} of {last.total} templates under key version {last.target_version}; "
-            f"{_plural(left, 'template')} did not open (the daemon raised an integrity alarm) "
-            "and still use an older key version",
+            f"not re-sealed: {left} that failed to open (see the daemon's integrity alarm)",
             1,
         )
     return _Output(data, f"re-sealed {_plural(last.done, 'template')} under key version {last.target_version}")

@@ -109,6 +109,23 @@ class AuditConfig:
     max_bytes: int
 
 
+@dataclass(frozen=True, slots=True)
+class GuardConfig:
+    """Abuse-guard defaults (DESIGN.md); the policy may override the per-caller ones per caller."""
+
+    enabled: bool = True
+    subject_failures: int = 5
+    subject_window_seconds: float = 60.0
+    lockout_seconds: float = 30.0
+    lockout_max_seconds: float = 3600.0
+    caller_rate: float = 200.0
+    caller_failures_per_hour: int = 1000
+    identify_per_hour: int = 3600
+    similar_probe_fraction: float = 0.25
+    similar_probe_count: int = 8
+    probe_history: int = 64
+
+
 def split_address(address: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` -> (host, port), brackets removed."""
     host, _, port = address.rpartition(":")
@@ -126,6 +143,7 @@ class Config:
     galleries: dict[str, GalleryConfig]
     metrics: MetricsConfig
     audit: AuditConfig
+    guard: GuardConfig
 
     @property
     def base_dir(self) -> Path:
@@ -277,6 +295,25 @@ def load_config(path: Path) -> Config:
     )
     a.done()
 
+    gd = top.table("guard", required=False)
+    d = GuardConfig()
+    guard = GuardConfig(
+        enabled=gd.get("enabled", bool, d.enabled),
+        subject_failures=_bounded(gd, "subject_failures", int, d.subject_failures, 1, 1_000_000),
+        subject_window_seconds=_bounded(gd, "subject_window_seconds", float, d.subject_window_seconds, 1, 86400),
+        lockout_seconds=_bounded(gd, "lockout_seconds", float, d.lockout_seconds, 0.001, 86400),
+        lockout_max_seconds=_bounded(gd, "lockout_max_seconds", float, d.lockout_max_seconds, 0.001, 30 * 86400),
+        caller_rate=_bounded(gd, "caller_rate", float, d.caller_rate, 0.01, 1e6),
+        caller_failures_per_hour=_bounded(gd, "caller_failures_per_hour", int, d.caller_failures_per_hour, 1, 10**9),
+        identify_per_hour=_bounded(gd, "identify_per_hour", int, d.identify_per_hour, 1, 10**9),
+        similar_probe_fraction=_bounded(gd, "similar_probe_fraction", float, d.similar_probe_fraction, 0.0, 1.0),
+        similar_probe_count=_bounded(gd, "similar_probe_count", int, d.similar_probe_count, 1, 4096),
+        probe_history=_bounded(gd, "probe_history", int, d.probe_history, 1, 4096),
+    )
+    if guard.lockout_max_seconds < guard.lockout_seconds:
+        raise gd.fail("lockout_max_seconds", "must be at least lockout_seconds")
+    gd.done()
+
     st = top.table("store", required=False)
     store = StoreConfig(url=st.get("url", str, "sqlite:faceseal.db"))
     if not store.url.startswith("sqlite:") or store.url in ("sqlite:", "sqlite:///"):
@@ -310,4 +347,4 @@ def load_config(path: Path) -> Config:
     if default not in galleries:
         raise top.fail("default_gallery", "must name a gallery defined under [galleries]")
     top.done()
-    return Config(path, mode, default, server, store, seal, galleries, metrics, audit)
+    return Config(path, mode, default, server, store, seal, galleries, metrics, audit, guard)

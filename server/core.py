@@ -24,6 +24,7 @@ from faceseal.server.crypto import vault
 from faceseal.server.crypto.barrier import Barrier, SealedTemplate
 from faceseal.server.errors import FailedPrecondition, IntegrityError, NotFound, PermissionDenied, Sealed
 from faceseal.server.gallery.memory import Gallery
+from faceseal.server.guard.guard import Guard
 from faceseal.server.metrics import Metrics
 from faceseal.server.seal.base import Seal, SealError
 from faceseal.server.store.base import Store, TemplateRow
@@ -95,6 +96,7 @@ class Core:
     def __init__(self, config: Config, store: Store, seal: Seal, metrics: Metrics, audit_dir: Path) -> None:
         self._config = config
         self._metrics = metrics
+        self.guard = Guard(config.guard, store, metrics)
         self.audit = AuditLog(audit_dir, config.audit.max_bytes, metrics, self._audit_key)
         self._store = store
         self._seal = seal
@@ -102,6 +104,7 @@ class Core:
         self._write_lock = threading.Lock()
         self._listeners: list[Callable[[bool], None]] = []
         self.integrity_failures = 0
+        self._publish()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -121,6 +124,7 @@ class Core:
         barrier = Barrier(vault.load_or_create(self._store, self._seal))
         galleries = {name: self._open_gallery(barrier, g) for name, g in self._config.galleries.items()}
         self._state = _Unsealed(barrier, galleries, derive_audit_key(barrier.keyring.index_key.reveal()))
+        self._publish()
         log.info("unsealed", extra={"seal": self._seal.describe(), "key_versions": len(barrier.keyring.versions())})
         for listener in self._listeners:
             listener(False)
@@ -188,6 +192,7 @@ class Core:
         except PermissionDenied as exc:
             self._metrics.auth_denied.labels(exc.reason).inc()
             raise
+        self.guard.admit(caller)
         state = self._unsealed()
         gallery = state.galleries.get(name)
         if gallery is None:
@@ -224,12 +229,15 @@ class Core:
         subject_id = validation.subject_id(subject_id)
         vector = validation.vector(probe, gallery.config.dimension, "probe")
         ref = state.barrier.subject_ref(gallery.config.name, subject_id)
+        self.guard.check_match(caller, gallery.config.name, ref)
         try:
             best = gallery.match(subject_id, ref, vector)
         except IntegrityError:
             self._alarm(gallery.config.name)
             raise
         decision = "match" if best <= gallery.config.threshold else "no_match"
+        # Counted before the answer leaves: a failure that is never recorded is a free guess.
+        self.guard.record_match(caller, gallery.config, ref, vector, decision == "match")
         self.audit.record(AuditEntry("OK", gallery.config.name, subject_id, decision))
         self._metrics.match_decisions.labels(gallery.config.name, decision).inc()
         return MatchOutcome(decision == "match", _disclose(caller, best))
@@ -238,6 +246,7 @@ class Core:
         _, gallery = self._gallery(caller, Permission.IDENTIFY, gallery_name)
         vector = validation.vector(probe, gallery.config.dimension, "probe")
         k = validation.top_k(top_k, self._config.server.max_top_k)
+        self.guard.spend_identify(caller)
         hits = gallery.identify(vector, k)
         self.audit.record(AuditEntry("OK", gallery.config.name, candidates=len(hits)))
         return [Candidate(h.subject_id, _disclose(caller, h.distance)) for h in hits]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from faceseal.server import hygiene, logs
 from faceseal.server.api import admin
@@ -32,6 +33,7 @@ from faceseal.server.config import Config, load_config, split_address
 from faceseal.server.core import Core
 from faceseal.server.errors import ConfigError
 from faceseal.server.metrics import Metrics
+from faceseal.server.metrics_http import MetricsServer
 from faceseal.server.seal import seal_from_config
 from faceseal.server.seal.base import Seal
 from faceseal.server.store.base import Store, StoreError
@@ -88,7 +90,7 @@ class Daemon:
         self.metrics = Metrics(self.registry, config.galleries, _methods())
         self.core = Core(config, self.store, open_seal(config), self.metrics, config.audit.dir)
         self.metrics_port: int | None = None
-        self._metrics_server: Any = None
+        self._metrics_server: MetricsServer | None = None
         self._stop_unsealing = threading.Event()
         limit = config.server.max_message_bytes
         self.server = grpc.server(
@@ -150,19 +152,12 @@ class Daemon:
             return
         host, port = split_address(m.listen)
         try:
-            server, _thread = start_http_server(
-                port,
-                addr=host,
-                registry=self.registry,
-                certfile=str(m.tls_cert) if m.tls_cert else None,
-                keyfile=str(m.tls_key) if m.tls_key else None,
-            )
-        except OSError as exc:
+            self._metrics_server = MetricsServer(host, port, self.registry, m.tls_cert, m.tls_key)
+        except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
-                f"{self.config.path}: key 'metrics.listen': cannot listen on {m.listen}: {exc.strerror}"
+                f"{self.config.path}: key 'metrics.listen': cannot serve metrics on {m.listen}: {exc}"
             ) from None
-        self._metrics_server = server
-        self.metrics_port = int(server.server_port)
+        self.metrics_port = self._metrics_server.port
         log.info("metrics listening", extra={"address": m.listen, "port": self.metrics_port})
 
     def reload(self) -> None:
@@ -184,8 +179,7 @@ class Daemon:
         self.store.close()
         self.core.audit.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            self._metrics_server.close()
         log.info("stopped")
 
 

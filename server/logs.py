@@ -12,6 +12,8 @@ import logging
 import sys
 import time
 
+from faceseal.server.request import current
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -23,6 +25,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        info = current()
+        if info is not None:  # every line logged while handling a call names the call and caller
+            entry["request_id"] = info.request_id
+            entry["caller"] = info.identity or None
+            entry["method"] = info.method
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value if isinstance(value, (str, int, float, bool)) or value is None else str(value)

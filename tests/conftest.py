@@ -28,7 +28,7 @@ from seals import SealSetup, apply_seal, make_seal_setup, tests_module
 from faceseal.server.devinit import init_dev
 
 try:
-    from tests.softhsm import softhsm_token  # noqa: F401 - a fixture, for seal_setup
+    from tests.softhsm import softhsm_token
 except ModuleNotFoundError:  # plain `pytest` (not `python -m pytest`): only tests/ is on sys.path
     from softhsm import softhsm_token  # type: ignore[no-redef] # noqa: F401
 

@@ -27,7 +27,7 @@ import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,12 +183,13 @@ def seal_toml(path: Path, table: dict[str, Any]) -> Path:
     return path
 
 
-def seal_migrate(config: Path, target: Path, setup: SealSetup) -> subprocess.CompletedProcess[str]:
-    """``faceseald seal migrate --config C --to T`` as a child, with the seal's environment."""
+def seal_migrate(config: Path, target: Path, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """``faceseald seal migrate --config C --to T`` as a child process with exactly ``env``
+    (``SealSetup.child_env()``, or os.environ plus SOFTHSM2_CONF for a PKCS#11 target)."""
     assert FACESEALD.is_file(), f"{FACESEALD} is missing: is the package installed in this venv?"
     return subprocess.run(
         [str(FACESEALD), "seal", "migrate", "--config", str(config), "--to", str(target)],
-        env=setup.child_env(),
+        env=dict(env),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -232,7 +233,7 @@ def assert_kek_stays_in_token(token: SoftHsmToken, key_label: str) -> None:
             assert kek[Attribute.ALWAYS_SENSITIVE] is True
             assert kek[Attribute.NEVER_EXTRACTABLE] is True
             with pytest.raises(p11e.AttributeSensitive):
-                kek[Attribute.VALUE]  # noqa: B018 - the read is the test
+                kek[Attribute.VALUE]
             # A session key allowed to wrap, generated only to try exporting the KEK under it.
             wrapper = session.generate_key(
                 KeyType.AES, 256, store=False, capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP

@@ -19,6 +19,7 @@ from helpers import (
     FACESEALD,
     InProcessDaemon,
     admin_client,
+    db_execute,
     db_snapshot,
     key_versions_in_db,
     random_encodings,
@@ -261,6 +262,42 @@ def test_rewrap_is_resumable(daemon: InProcessDaemon) -> None:
     assert key_versions_in_db(daemon.dev.db_path)[0] == {3: 40}
     daemon.restart()
     _assert_all_match(daemon, people)
+
+
+def test_rewrap_reports_a_template_that_does_not_open_and_retire_waits_for_it(
+    harness: InProcessDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    harness.start()
+    enroller = harness.client("enroller")
+    enroller.enroll("alice", ALICE)
+    bob = enroller.enroll("bob", BOB).template_id
+    harness.stop()
+    # Tamper with bob's template behind the daemon's back: it will not open (an alarm, never a match).
+    (blob,) = [r[-1] for r in db_snapshot(harness.dev.db_path)["templates"] if bob in r]
+    flipped = blob[:-1] + bytes([blob[-1] ^ 1])
+    assert (
+        db_execute(harness.dev.db_path, "UPDATE templates SET template_blob = ? WHERE template_id = ?", (flipped, bob))
+        == 1
+    )
+    harness.start()
+    admin = _admin(harness)
+    assert admin.rotate_key() == 2
+
+    # The run ends with a final report that says one of the two did not open; the CLI exits 1.
+    assert main(_cli(harness, "rewrap")) == 1
+    assert capsys.readouterr().out == (
+        "re-sealed 1 of 2 templates under key version 2; "
+        "not re-sealed: 1 that failed to open (see the daemon's integrity alarm)\n"
+    )
+    assert list(admin.rewrap())[-1] == RewrapProgress(0, 1, 2)
+
+    # Version 1 still seals bob's (broken) row, so it cannot be retired until that row is gone.
+    with pytest.raises(FailedPreconditionError, match="1 templates"):
+        admin.retire_key(1)
+    assert harness.client("enroller").delete("bob") == 1
+    admin.retire_key(1)
+    assert admin.status().key_versions == (KeyVersion(2, 1, True),)
+    _assert_all_match(harness, {"alice": ALICE})
 
 
 # ---------------------------------------------------------------------------------------- the CLI

@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import re
 import secrets
+import socket
 import sqlite3
 import ssl
 import urllib.error
@@ -275,6 +276,11 @@ def test_metrics_listener_serves_https_only_when_configured(harness: InProcessDa
     assert isinstance(untrusted.value.reason, ssl.SSLCertVerificationError)
     # The listener survived both refusals.
     assert "faceseal_sealed" in scrape(metrics_url(daemon, "https"), trusting)
+
+    # An idle TCP connection that never starts its handshake does not stall other scrapes.
+    assert daemon.metrics_port is not None
+    with socket.create_connection(("127.0.0.1", daemon.metrics_port)):
+        assert "faceseal_sealed" in scrape(metrics_url(daemon, "https"), trusting)
 
 
 # ---------------------------------------------------------------------- state and integrity

@@ -35,6 +35,10 @@ class Rule:
     permissions: frozenset[Permission]
     galleries: frozenset[str]
     disclosure: Disclosure
+    # Per-caller overrides of the guard's defaults; None means the [guard] default.
+    rate: float | None = None
+    failures_per_hour: int | None = None
+    identify_per_hour: int | None = None
 
     def matches(self, identity: str) -> bool:
         if self.identity.endswith("*"):
@@ -82,7 +86,7 @@ class Policy:
         return Caller(identity, max(matching, key=Rule.specificity))
 
 
-_RULE_KEYS = {"identity", "permissions", "galleries", "disclosure"}
+_RULE_KEYS = {"identity", "permissions", "galleries", "disclosure", "rate", "failures_per_hour", "identify_per_hour"}
 
 
 def parse_policy(text: str, source: str) -> Policy:
@@ -127,7 +131,17 @@ def parse_policy(text: str, source: str) -> Policy:
         disclosure = entry.get("disclosure", "decision")
         if disclosure not in ("decision", "distance"):
             raise ConfigError(f"{where}: key 'disclosure' must be 'decision' or 'distance'")
-        rules.append(Rule(identity, permissions, galleries, disclosure))
+        rules.append(
+            Rule(
+                identity,
+                permissions,
+                galleries,
+                disclosure,
+                rate=_positive(entry, "rate", float, where),
+                failures_per_hour=_positive(entry, "failures_per_hour", int, where),
+                identify_per_hour=_positive(entry, "identify_per_hour", int, where),
+            )
+        )
     return Policy(tuple(rules))
 
 
@@ -139,6 +153,17 @@ def load_policy(path: Path) -> Policy:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: the policy file is not UTF-8") from None
     return parse_policy(text, str(path))
+
+
+def _positive(entry: dict[str, Any], key: str, kind: type[float] | type[int], where: str) -> Any:
+    if key not in entry:
+        return None
+    value = entry[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ConfigError(f"{where}: key '{key}' must be a positive {kind.__name__}")
+    if not 0 < value < 1e12:
+        raise ConfigError(f"{where}: key '{key}' must be a positive {kind.__name__}")
+    return kind(value)
 
 
 def _string(entry: dict[str, Any], key: str, where: str) -> str:

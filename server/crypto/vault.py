@@ -88,8 +88,11 @@ def retire_version(store: Store, seal: Seal, keyring: Keyring, version: int) -> 
 
 
 def migrate(store: Store, old: Seal, new: Seal) -> int:
-    """Re-wrap the stored keyring from ``old`` to ``new`` without touching a template blob."""
-    keyring = load_or_create(store, old)
+    """Re-wrap the stored keyring from ``old`` to ``new`` without touching a template blob.
+
+    A store without a keyring is refused (SealError), not given a new one: there is nothing to
+    migrate, and a config pointing at the wrong store must not look like a success."""
+    keyring = load(store, old)
     keys = wrap_all(new, keyring)
     for item in keys:  # prove the new seal opens what it wrapped before the old copy is replaced
         new.unwrap(item.wrapped, wrap_aad(item.purpose, item.version))

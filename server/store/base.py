@@ -10,7 +10,7 @@ Writes are durable when the method returns: the daemon acknowledges a call only 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,6 +40,10 @@ class WrappedKey:
 
     def __repr__(self) -> str:
         return f"WrappedKey({self.purpose!r}, v{self.version})"
+
+
+# The abuse guard's counter as stored: (count, window_start, locked_until, level).
+GuardRow = tuple[int, float, float, int]
 
 
 class StoreError(Exception):
@@ -90,6 +94,15 @@ class Store(Protocol):
 
     def gallery_counts(self) -> dict[str, tuple[int, int]]:
         """Per gallery: (subjects, templates)."""
+        ...
+
+    def guard_get(self, scope: str, key: bytes) -> GuardRow | None:
+        """The guard counter of (scope, key), if any."""
+        ...
+
+    def guard_update(self, scope: str, key: bytes, update: Callable[[GuardRow | None], GuardRow]) -> GuardRow:
+        """Read-modify-write one guard counter in one transaction (replicas may race on it).
+        Guard writes do not move the revision: they change no gallery."""
         ...
 
     def revision(self) -> int:

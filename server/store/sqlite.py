@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from faceseal.server.store.base import StoreError, TemplateRow, WrappedKey
+from faceseal.server.store.base import GuardRow, StoreError, TemplateRow, WrappedKey
 
 # Forward-only migrations; PRAGMA user_version records how many have run.
 _MIGRATIONS: tuple[str, ...] = (
@@ -40,6 +40,18 @@ _MIGRATIONS: tuple[str, ...] = (
     ) STRICT;
     CREATE INDEX templates_subject ON templates (gallery, subject_ref);
     CREATE INDEX templates_key_version ON templates (key_version);
+    """,
+    # 2: the abuse guard's counters, keyed by scope and an opaque key (a subject_ref, a caller).
+    """
+    CREATE TABLE guard (
+        scope TEXT NOT NULL,
+        key BLOB NOT NULL,
+        count INTEGER NOT NULL,
+        window_start REAL NOT NULL,
+        locked_until REAL NOT NULL,
+        level INTEGER NOT NULL,
+        PRIMARY KEY (scope, key)
+    ) STRICT;
     """,
 )
 
@@ -220,6 +232,37 @@ class SQLiteStore:
     def gallery_counts(self) -> dict[str, tuple[int, int]]:
         rows = self._read("SELECT gallery, count(DISTINCT subject_ref), count(*) FROM templates GROUP BY gallery")
         return {str(g): (int(s), int(t)) for g, s, t in rows}
+
+    def guard_get(self, scope: str, key: bytes) -> GuardRow | None:
+        rows = self._read(
+            "SELECT count, window_start, locked_until, level FROM guard WHERE scope = ? AND key = ?", (scope, key)
+        )
+        return (int(rows[0][0]), float(rows[0][1]), float(rows[0][2]), int(rows[0][3])) if rows else None
+
+    def guard_update(self, scope: str, key: bytes, update: Callable[[GuardRow | None], GuardRow]) -> GuardRow:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    row = self._db.execute(
+                        "SELECT count, window_start, locked_until, level FROM guard WHERE scope = ? AND key = ?",
+                        (scope, key),
+                    ).fetchone()
+                    new = update((int(row[0]), float(row[1]), float(row[2]), int(row[3])) if row else None)
+                    self._db.execute(
+                        "INSERT INTO guard (scope, key, count, window_start, locked_until, level)"
+                        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET count = excluded.count,"
+                        " window_start = excluded.window_start, locked_until = excluded.locked_until,"
+                        " level = excluded.level",
+                        (scope, key, *new),
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"store write failed: {exc}") from None
+            return new
 
     def revision(self) -> int:
         return int(self._read("SELECT value FROM meta WHERE name = 'revision'")[0][0])

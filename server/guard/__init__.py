@@ -1,0 +1,1 @@
+"""The abuse guard: lockouts, budgets, rates, and hill-climbing detection."""

@@ -1,0 +1,166 @@
+"""The abuse guard: what stops a caller with valid credentials from rebuilding a template.
+
+Encryption at rest does nothing against a gateway certificate asking Match thousands of times:
+hill-climbing attacks rebuild a matching template from scores, and from accept/reject answers
+alone when attempts are unlimited. So, per DESIGN.md:
+
+* per subject: N failed matches within a window lock the subject out; each lockout doubles the
+  next, up to a cap; a successful match resets it. Stored, so restarts and replicas share it.
+* per caller: a failed-match budget across all subjects (stops spraying one probe over many
+  subjects), an Identify budget (both stored), and a request rate (a token bucket in memory:
+  a store write per request would cost more than the requests it limits; each replica enforces
+  the rate on its own, so N replicas admit up to N times the rate).
+* hill-climbing signature: runs of near-identical non-matching probes from one caller lock the
+  subject at once. The recent probes are kept in memory only, never stored.
+
+Every refusal is RESOURCE_EXHAUSTED with the seconds to wait.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from faceseal.server.auth.policy import Caller
+from faceseal.server.config import GalleryConfig, GuardConfig
+from faceseal.server.errors import ResourceExhausted
+from faceseal.server.guard.state import BudgetRule, Counter, LockoutRule
+from faceseal.server.matching import distance
+from faceseal.server.matching.distance import F32
+from faceseal.server.metrics import Metrics
+from faceseal.server.store.base import GuardRow, Store
+
+
+def _row(c: Counter) -> GuardRow:
+    return (c.count, c.window_start, c.locked_until, c.level)
+
+
+def _counter(row: GuardRow | None) -> Counter:
+    return Counter() if row is None else Counter(*row)
+
+
+class _Bucket:
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, tokens: float, stamp: float) -> None:
+        self.tokens, self.stamp = tokens, stamp
+
+
+class Guard:
+    def __init__(
+        self, config: GuardConfig, store: Store, metrics: Metrics, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._metrics = metrics
+        self._clock = clock
+        self._subject = LockoutRule(
+            config.subject_failures, config.subject_window_seconds, config.lockout_seconds, config.lockout_max_seconds
+        )
+        self._lock = threading.Lock()
+        self._buckets: dict[str, _Bucket] = {}
+        self._probes: dict[tuple[str, str], deque[F32]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self._config.enabled
+
+    def _refuse(self, scope: str, message: str, retry_after: float) -> ResourceExhausted:
+        self._metrics.guard_rejections.labels(scope).inc()
+        return ResourceExhausted(message, retry_after)
+
+    # -- every data-plane call ---------------------------------------------------------------
+
+    def admit(self, caller: Caller) -> None:
+        """The caller's request rate (token bucket, per replica)."""
+        if not self._config.enabled:
+            return
+        rate = float(caller.rule.rate if caller.rule.rate is not None else self._config.caller_rate)
+        now = self._clock()
+        with self._lock:
+            bucket = self._buckets.get(caller.identity)
+            if bucket is None:
+                bucket = self._buckets[caller.identity] = _Bucket(rate, now)
+            bucket.tokens = min(rate, bucket.tokens + (now - bucket.stamp) * rate)
+            bucket.stamp = now
+            if bucket.tokens < 1.0:
+                raise self._refuse("caller_rate", "this caller is over its request rate", (1.0 - bucket.tokens) / rate)
+            bucket.tokens -= 1.0
+
+    # -- Match -------------------------------------------------------------------------------
+
+    def _failure_budget(self, caller: Caller) -> BudgetRule:
+        limit = caller.rule.failures_per_hour
+        return BudgetRule(self._config.caller_failures_per_hour if limit is None else limit, 3600.0)
+
+    def check_match(self, caller: Caller, gallery: str, subject_ref: bytes) -> None:
+        if not self._config.enabled:
+            return
+        now = self._clock()
+        subject = _counter(self._store.guard_get("subject", gallery.encode() + b"\0" + subject_ref))
+        wait = subject.locked(now)
+        if wait > 0:
+            raise self._refuse("subject", "this subject is locked out after repeated failed matches", wait)
+        budget = _counter(self._store.guard_get("caller_failures", caller.identity.encode()))
+        wait = self._failure_budget(caller).exhausted(budget, now)
+        if wait > 0:
+            raise self._refuse("caller_failures", "this caller has used up its budget of failed matches", wait)
+
+    def record_match(
+        self, caller: Caller, gallery: GalleryConfig, subject_ref: bytes, probe: F32, matched: bool
+    ) -> None:
+        if not self._config.enabled:
+            return
+        now = self._clock()
+        key = gallery.name.encode() + b"\0" + subject_ref
+        if matched:
+            # A genuine user got in: their earlier failures were not an attack on this subject.
+            # Written only when there is something to reset: a successful Match costs no store write.
+            old = self._store.guard_get("subject", key)
+            if old is not None and (old[0] or old[3]):
+                self._store.guard_update("subject", key, lambda _old: _row(Counter()))
+            return
+        similar = self._similar_run(caller, gallery, probe)
+        rule = self._subject
+
+        def fail(row: GuardRow | None) -> GuardRow:
+            c = _counter(row)
+            return _row(rule.lock_now(c, now) if similar else rule.fail(c, now))
+
+        self._store.guard_update("subject", key, fail)
+        if similar:
+            self._metrics.guard_rejections.labels("probe_similarity").inc()
+        budget = self._failure_budget(caller)
+        self._store.guard_update(
+            "caller_failures", caller.identity.encode(), lambda row: _row(budget.spend(_counter(row), now))
+        )
+
+    def _similar_run(self, caller: Caller, gallery: GalleryConfig, probe: F32) -> bool:
+        """Whether this failed probe continues a run of near-identical failed probes."""
+        radius = self._config.similar_probe_fraction * gallery.threshold
+        with self._lock:
+            history = self._probes.setdefault((caller.identity, gallery.name), deque(maxlen=self._config.probe_history))
+            close = 0
+            if history:
+                near = distance.exact(np.stack(history), probe, gallery.metric) <= radius
+                close = int(np.count_nonzero(near))
+            history.append(probe.copy())
+        return close >= self._config.similar_probe_count
+
+    # -- Identify ----------------------------------------------------------------------------
+
+    def spend_identify(self, caller: Caller) -> None:
+        if not self._config.enabled:
+            return
+        now = self._clock()
+        limit = caller.rule.identify_per_hour
+        rule = BudgetRule(self._config.identify_per_hour if limit is None else limit, 3600.0)
+        key = caller.identity.encode()
+        wait = rule.exhausted(_counter(self._store.guard_get("identify", key)), now)
+        if wait > 0:
+            raise self._refuse("identify", "this caller has used up its Identify budget", wait)
+        self._store.guard_update("identify", key, lambda row: _row(rule.spend(_counter(row), now)))
