@@ -21,6 +21,7 @@ log = logging.getLogger("faceseal.hygiene")
 _PR_SET_DUMPABLE = 4
 _PR_GET_DUMPABLE = 3
 _MCL_CURRENT, _MCL_FUTURE, _MCL_ONFAULT = 1, 2, 4
+_CAP_IPC_LOCK = 14
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,22 @@ def dumpable() -> bool:
     return bool(_libc().prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0))
 
 
+def _may_lock_beyond_limit() -> bool:
+    """Whether CAP_IPC_LOCK is in the effective set, which lifts RLIMIT_MEMLOCK for mlock.
+
+    Root usually has it, but a container may run root without it, and a service may run
+    unprivileged with it (systemd: AmbientCapabilities=CAP_IPC_LOCK); the uid alone cannot tell.
+    """
+    try:
+        with open("/proc/self/status", encoding="utf-8", errors="replace") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_IPC_LOCK & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
 def apply(lock_memory: bool = True) -> Hardening:
     """Harden this process; warn (never fail) where the OS refuses."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -51,7 +68,7 @@ def apply(lock_memory: bool = True) -> Hardening:
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         # Lock only when the limit cannot bite later: with MCL_FUTURE a capped limit would turn a
         # large gallery's allocation into a MemoryError at run time instead of a warning now.
-        if soft == resource.RLIM_INFINITY or os.geteuid() == 0:
+        if soft == resource.RLIM_INFINITY or _may_lock_beyond_limit():
             locked = libc.mlockall(_MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) == 0
         if not locked:
             log.warning(

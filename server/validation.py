@@ -34,7 +34,10 @@ def vector(values: Sequence[float], dimension: int, field: str) -> npt.NDArray[n
     """A finite, non-zero float32 vector of the gallery's dimension."""
     if len(values) != dimension:
         raise InvalidArgument(f"{field} must have exactly {dimension} values for this gallery, got {len(values)}")
-    arr = np.asarray(values, dtype=np.float32)
+    # A float64 beyond float32's range becomes infinity here and is refused just below; numpy's
+    # overflow warning would only add noise (or an exception where warnings are errors).
+    with np.errstate(over="ignore"):
+        arr = np.asarray(values, dtype=np.float32)
     if not np.all(np.isfinite(arr)):
         raise InvalidArgument(f"{field} must contain only finite numbers (no NaN or infinity)")
     if not np.any(arr):

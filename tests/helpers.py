@@ -564,3 +564,10 @@ def log_records(text: str) -> list[dict[str, Any]]:
             if isinstance(record, dict):
                 records.append(record)
     return records
+
+
+def lift_rate_limit(dev: Dev) -> None:
+    """For tests that make hundreds of calls a second from one caller and are not about the abuse
+    guard: raise its per-caller request rate (200/s by default) out of the way before the daemon
+    starts. Lockouts and failure budgets stay as configured."""
+    dev.edit_config(lambda c: c.setdefault("guard", {}).update(caller_rate=1_000_000.0))

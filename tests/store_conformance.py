@@ -66,7 +66,38 @@ def snapshot(store: Store, galleries: tuple[str, ...] = ("g1", "g2")) -> tuple[o
     )
 
 
-class StoreConformance:
+class ChangeLogConformance:
+    """Mixed into StoreConformance: the change log replicas follow."""
+
+    def test_every_write_is_in_the_change_log_in_commit_order(self, store: Store) -> None:
+        start, nothing = store.changes_since(0)
+        assert nothing == []
+        store.put_template(row("g1", "alice", "t1"), replace_subject=False)
+        store.put_template(row("g1", "alice", "t2"), replace_subject=True)
+        store.delete_subject("g1", ref("alice"))
+        store.add_wrapped_keys([WrappedKey("data", 9, b"w")])
+        revision, changes = store.changes_since(start)
+        assert revision == store.revision() > start
+        assert [(c.kind, c.gallery, c.template_id) for c in changes] == [
+            ("put", "g1", "t1"),
+            ("delete_subject", "g1", ""),  # the replace: the old rows go first, in the same revision
+            ("put", "g1", "t2"),
+            ("delete_subject", "g1", ""),
+            ("keys", "", ""),
+        ]
+        assert changes[1].revision == changes[2].revision
+        assert [c.subject_ref for c in changes[:4]] == [ref("alice")] * 4
+        # Asking from a later revision returns only what came after it.
+        assert [c.kind for c in store.changes_since(changes[2].revision)[1]] == ["delete_subject", "keys"]
+
+    def test_template_by_id(self, store: Store) -> None:
+        r = row("g1", "alice", "t1")
+        store.put_template(r, replace_subject=False)
+        assert store.template("t1") == r
+        assert store.template("nope") is None
+
+
+class StoreConformance(ChangeLogConformance):
     """Subclass and provide the ``store`` and ``reopen`` fixtures."""
 
     @pytest.fixture

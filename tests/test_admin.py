@@ -22,6 +22,7 @@ from helpers import (
     db_execute,
     db_snapshot,
     key_versions_in_db,
+    lift_rate_limit,
     random_encodings,
 )
 
@@ -391,8 +392,10 @@ class _Terminal(io.StringIO):
 
 
 def test_cli_rewrap_draws_a_progress_bar_on_a_terminal(
-    daemon: InProcessDaemon, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    harness: InProcessDaemon, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    lift_rate_limit(harness.dev)  # 300 enrollments in a burst
+    daemon = harness.start()
     enroller = daemon.client("enroller")
     for i, encoding in enumerate(random_encodings(300, seed=702)):
         enroller.enroll(f"s{i}", encoding)

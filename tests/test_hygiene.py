@@ -20,6 +20,8 @@ import dataclasses
 import json
 import os
 import pickle
+import resource
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -167,16 +169,16 @@ _CHILD = textwrap.dedent(
 
     ctypes.util.find_library("c")  # warm up before losing access to root-only paths
     before = hygiene.dumpable()
-    limit = int(sys.argv[1])
+    limit, drop_root = int(sys.argv[1]), sys.argv[2] == "drop-root"
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
-    if os.geteuid() == 0:
+    if drop_root and os.geteuid() == 0:
         os.setegid(65534)
         os.seteuid(65534)  # a non-root effective uid: the capabilities (CAP_IPC_LOCK) are gone
     logs.configure()
     hardening = hygiene.apply()
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    refused = libc.mlockall(1) != 0  # would the kernel have let it lock at all?
     vmlck = [l for l in open("/proc/self/status") if l.startswith("VmLck:")][0].split()[1]
+    refused = libc.mlockall(1) != 0  # would the kernel have let it lock at all?
     print(json.dumps({
         "euid": os.geteuid(),
         "dumpable_before": before,
@@ -191,9 +193,10 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_small_memlock_limit_without_root_warns_and_goes_on(tmp_path: Path) -> None:
+def _run_child(tmp_path: Path, limit: int, mode: str, prefix: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+    """Run _CHILD (behind ``prefix``, e.g. setpriv); its report and its log (stderr)."""
     result = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(MEMLOCK_SMALL)],
+        [*prefix, sys.executable, "-c", _CHILD, str(limit), mode],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -201,7 +204,16 @@ def test_small_memlock_limit_without_root_warns_and_goes_on(tmp_path: Path) -> N
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report, result.stderr
+
+
+def _memlock_warnings(log: str) -> list[dict[str, Any]]:
+    return [r for r in _records(log) if r["level"] == "warning" and r["msg"].startswith("memory not locked")]
+
+
+def test_small_memlock_limit_without_root_warns_and_goes_on(tmp_path: Path) -> None:
+    report, log = _run_child(tmp_path, MEMLOCK_SMALL, "drop-root")
     assert report["euid"] != 0
     assert report["hardening"] == {"core_dumps_off": True, "not_dumpable": True, "memory_locked": False}
     assert report["dumpable_before"] is True
@@ -209,10 +221,48 @@ def test_small_memlock_limit_without_root_warns_and_goes_on(tmp_path: Path) -> N
     assert report["core"] == [0, 0]
     assert report["mlockall_refused"] is True  # the kernel refuses too: the warning is right
     assert report["vmlck_kib"] == 0
-    warnings = [r for r in _records(result.stderr) if r["level"] == "warning"]
+    warnings = [r for r in _records(log) if r["level"] == "warning"]
     assert [r["logger"] for r in warnings] == ["faceseal.hygiene"]
     assert warnings[0]["msg"].startswith("memory not locked: keys may reach swap")
     assert "LimitMEMLOCK=infinity" in warnings[0]["msg"]
+
+
+SETPRIV = shutil.which("setpriv")
+needs_root_and_setpriv = pytest.mark.skipif(
+    not IS_ROOT or SETPRIV is None, reason="needs root and setpriv (util-linux) to shape capabilities"
+)
+
+
+@needs_root_and_setpriv
+def test_root_without_cap_ipc_lock_does_not_lock_under_a_finite_limit(tmp_path: Path) -> None:
+    """A container's root without CAP_IPC_LOCK: locking now would make later allocations beyond
+    the limit fail (MCL_FUTURE), so the daemon warns instead, even though the limit would hold
+    what is mapped today."""
+    assert SETPRIV is not None
+    # As large a limit as this process may set (raising the hard limit needs CAP_SYS_RESOURCE).
+    hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+    limit = 1 << 30 if hard == resource.RLIM_INFINITY else min(hard, 1 << 30)
+    report, log = _run_child(tmp_path, limit, "keep", (SETPRIV, "--bounding-set=-ipc_lock", "--"))
+    assert report["euid"] == 0
+    assert report["hardening"]["memory_locked"] is False
+    assert report["vmlck_kib"] == 0
+    assert len(_memlock_warnings(log)) == 1
+
+
+@needs_root_and_setpriv
+def test_unprivileged_with_cap_ipc_lock_locks(tmp_path: Path) -> None:
+    """A service user with CAP_IPC_LOCK (systemd AmbientCapabilities): the small limit does not
+    apply to it, so the daemon locks, as its own warning advises. (CAP_DAC_READ_SEARCH only lets
+    nobody read this test's interpreter, which lives under /root.)"""
+    assert SETPRIV is not None
+    caps = "+ipc_lock,+dac_read_search"
+    prefix = (SETPRIV, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+    prefix += (f"--inh-caps={caps}", f"--ambient-caps={caps}", "--")
+    report, log = _run_child(tmp_path, MEMLOCK_SMALL, "keep", prefix)
+    assert report["euid"] == NOBODY
+    assert report["hardening"] == {"core_dumps_off": True, "not_dumpable": True, "memory_locked": True}
+    assert report["vmlck_kib"] > MEMLOCK_SMALL // 1024  # beyond the limit: the capability lifts it
+    assert _memlock_warnings(log) == []
 
 
 # ---------------------------------------------------------------------------- key material in reprs

@@ -31,6 +31,7 @@ from helpers import (
     SealedSubprocessDaemon,
     admin_client,
     key_versions_in_db,
+    lift_rate_limit,
     load_real_encodings,
     log_records,
     nearby,
@@ -139,6 +140,7 @@ class _MatchLoad:
 
 
 def test_rotation_under_load_loses_no_match(harness: InProcessDaemon) -> None:
+    lift_rate_limit(harness.dev)  # four threads call as fast as they can: not a test of the guard
     harness.start()
     probes = _enroll_population(harness)
     admin = admin_client(harness.dev, harness.target)
@@ -217,6 +219,7 @@ def _refused_with(call: Callable[[], object]) -> grpc.StatusCode | None:
 def test_retiring_the_old_key_shreds_backups_taken_before(harness: InProcessDaemon, tmp_path: Path) -> None:
     dev: Dev = harness.dev
     key_file = dev.dir / "seal.key"
+    lift_rate_limit(dev)
     harness.start()
     probes = _enroll_population(harness)
 

@@ -21,6 +21,7 @@ from helpers import (
     db_snapshot,
     free_port,
     key_versions_in_db,
+    lift_rate_limit,
     load_real_encodings,
     migrate_and_restart,
     run_seal_migrate,
@@ -39,6 +40,7 @@ def _enroll(harness: InProcessDaemon) -> dict[str, F32]:
     holds the index key and data keys 1 and 2, and templates use both versions."""
     real, _ = load_real_encodings()
     people = {f"face-{i:03d}": e for i, e in enumerate(real)}
+    lift_rate_limit(harness.dev)
     harness.start()
     enroller = harness.client("enroller")
     for n, (subject, encoding) in enumerate(people.items()):

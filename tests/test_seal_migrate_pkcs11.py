@@ -130,9 +130,8 @@ def test_file_seal_to_pkcs11_keeps_every_template_matchable(
     assert_kek_stays_in_token(softhsm_token, label)
     # And the PIN (which could use it) is in no file the daemon or the migration wrote.
     pin = softhsm_token.pin.encode()
-    written = [p for p in dev.dir.rglob("*") if p.is_file() and p.name != "faceseal.toml"]
+    written = [p for p in dev.dir.rglob("*") if p.is_file()]  # the store, audit log, config (names the PIN file)
     assert dev.db_path in written
+    assert dev.config_path in written
     leaks = [p.name for p in [*written, subprocess_daemon.log_path] if pin in p.read_bytes()]
     assert leaks == []
-    # The config names the PIN file, not the PIN.
-    assert pin not in dev.config_path.read_bytes()

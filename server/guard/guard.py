@@ -80,12 +80,15 @@ class Guard:
         if not self._config.enabled:
             return
         rate = float(caller.rule.rate if caller.rule.rate is not None else self._config.caller_rate)
+        # The bucket holds a second's worth of requests, and at least one: a rate below 1/s (e.g.
+        # 0.5) with a capacity of ``rate`` never held a whole token and refused every call.
+        burst = max(1.0, rate)
         now = self._clock()
         with self._lock:
             bucket = self._buckets.get(caller.identity)
             if bucket is None:
-                bucket = self._buckets[caller.identity] = _Bucket(rate, now)
-            bucket.tokens = min(rate, bucket.tokens + (now - bucket.stamp) * rate)
+                bucket = self._buckets[caller.identity] = _Bucket(burst, now)
+            bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
             bucket.stamp = now
             if bucket.tokens < 1.0:
                 raise self._refuse("caller_rate", "this caller is over its request rate", (1.0 - bucket.tokens) / rate)

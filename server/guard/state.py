@@ -37,14 +37,23 @@ class LockoutRule:
             c = replace(c, count=0, window_start=now)
         c = replace(c, count=c.count + 1)
         if c.count >= self.failures:
-            duration = min(self.cap, self.base * (2**c.level))
-            c = Counter(count=0, window_start=now, locked_until=now + duration, level=c.level + 1)
+            c = Counter(count=0, window_start=now, locked_until=now + self.duration(c.level), level=c.level + 1)
         return c
 
     def lock_now(self, c: Counter, now: float) -> Counter:
         """Lock at once (hill-climbing detected), with the same doubling."""
-        duration = min(self.cap, self.base * (2**c.level))
-        return Counter(count=0, window_start=now, locked_until=max(c.locked_until, now + duration), level=c.level + 1)
+        until = max(c.locked_until, now + self.duration(c.level))
+        return Counter(count=0, window_start=now, locked_until=until, level=c.level + 1)
+
+    def duration(self, level: int) -> float:
+        """The lockout at ``level``: ``base`` doubled ``level`` times, at most ``cap``.
+
+        The exponent is clamped: ``base * 2**level`` stops fitting a float past level 1023, and the
+        OverflowError it raised failed every later failed Match of that subject with INTERNAL
+        before anything was counted, so the subject was never locked again (and INTERNAL versus
+        a match still told the caller the decision). Any clamp past log2(cap / base) is the cap.
+        """
+        return min(self.cap, self.base * 2.0 ** min(level, 64))
 
 
 @dataclass(frozen=True, slots=True)

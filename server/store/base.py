@@ -42,6 +42,21 @@ class WrappedKey:
         return f"WrappedKey({self.purpose!r}, v{self.version})"
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the change log replicas follow: what to re-read, never the data itself.
+
+    ``kind``: "put" (template_id was added), "delete_subject" (every row of subject_ref went),
+    "rewrap" (a row was re-sealed; plaintext unchanged), "keys" (the wrapped keyring changed).
+    """
+
+    revision: int
+    kind: str
+    gallery: str
+    subject_ref: bytes
+    template_id: str
+
+
 # The abuse guard's counter as stored: (count, window_start, locked_until, level).
 GuardRow = tuple[int, float, float, int]
 
@@ -107,6 +122,14 @@ class Store(Protocol):
 
     def revision(self) -> int:
         """A counter that grows with every committed change; replicas follow it."""
+        ...
+
+    def changes_since(self, revision: int) -> tuple[int, list[Change]]:
+        """The current revision and every change after ``revision``, in commit order."""
+        ...
+
+    def template(self, template_id: str) -> TemplateRow | None:
+        """One row by its template id (a follower applying a "put")."""
         ...
 
     def close(self) -> None: ...

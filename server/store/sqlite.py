@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from faceseal.server.store.base import GuardRow, StoreError, TemplateRow, WrappedKey
+from faceseal.server.store.base import StoreError
+from faceseal.server.store.sql import SqlStore, Tx
 
 # Forward-only migrations; PRAGMA user_version records how many have run.
 _MIGRATIONS: tuple[str, ...] = (
@@ -53,13 +55,24 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (scope, key)
     ) STRICT;
     """,
+    # 3: the change log replicas and worker processes follow.
+    """
+    CREATE TABLE changes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        revision INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        gallery TEXT NOT NULL,
+        subject_ref BLOB NOT NULL,
+        template_id TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX changes_revision ON changes (revision);
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
-_Tx = Callable[[sqlite3.Connection], int]
 
 
-class SQLiteStore:
+class SQLiteStore(SqlStore):
     """A Store over one SQLite file."""
 
     def __init__(self, path: Path) -> None:
@@ -101,13 +114,13 @@ class SQLiteStore:
             self._db.execute(f"PRAGMA user_version = {number + 1}")
             self._db.execute("COMMIT")
 
-    def _write(self, fn: _Tx) -> int:
+    @contextmanager
+    def _transaction(self) -> Iterator[Tx]:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    result = fn(self._db)
-                    self._db.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
+                    yield self._db
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")
@@ -116,156 +129,13 @@ class SQLiteStore:
                 raise StoreError(f"store constraint violated: {exc}") from None
             except sqlite3.Error as exc:
                 raise StoreError(f"store write failed: {exc}") from None
-            return result
 
-    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
             try:
                 return list(self._db.execute(sql, params).fetchall())
             except sqlite3.Error as exc:
                 raise StoreError(f"store read failed: {exc}") from None
-
-    def wrapped_keys(self) -> list[WrappedKey]:
-        rows = self._read("SELECT purpose, version, wrapped FROM wrapped_keys ORDER BY purpose, version")
-        return [WrappedKey(str(p), int(v), bytes(w)) for p, v, w in rows]
-
-    def add_wrapped_keys(self, keys: Sequence[WrappedKey]) -> None:
-        def tx(db: sqlite3.Connection) -> int:
-            db.executemany(
-                "INSERT INTO wrapped_keys (purpose, version, wrapped) VALUES (?, ?, ?)",
-                [(k.purpose, k.version, k.wrapped) for k in keys],
-            )
-            return len(keys)
-
-        self._write(tx)
-
-    def replace_wrapped_keys(self, keys: Sequence[WrappedKey]) -> None:
-        def tx(db: sqlite3.Connection) -> int:
-            db.execute("DELETE FROM wrapped_keys")
-            db.executemany(
-                "INSERT INTO wrapped_keys (purpose, version, wrapped) VALUES (?, ?, ?)",
-                [(k.purpose, k.version, k.wrapped) for k in keys],
-            )
-            return len(keys)
-
-        self._write(tx)
-
-    def delete_wrapped_key(self, purpose: str, version: int) -> bool:
-        def tx(db: sqlite3.Connection) -> int:
-            cur = db.execute("DELETE FROM wrapped_keys WHERE purpose = ? AND version = ?", (purpose, version))
-            return cur.rowcount
-
-        return self._write(tx) > 0
-
-    def put_template(self, row: TemplateRow, *, replace_subject: bool) -> int:
-        def tx(db: sqlite3.Connection) -> int:
-            if replace_subject:
-                db.execute(
-                    "DELETE FROM templates WHERE gallery = ? AND subject_ref = ?",
-                    (row.gallery, row.subject_ref),
-                )
-            db.execute(
-                "INSERT INTO templates (template_id, gallery, subject_ref, key_version, subject_blob,"
-                " template_blob) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    row.template_id,
-                    row.gallery,
-                    row.subject_ref,
-                    row.key_version,
-                    row.subject_blob,
-                    row.template_blob,
-                ),
-            )
-            (count,) = db.execute(
-                "SELECT count(*) FROM templates WHERE gallery = ? AND subject_ref = ?",
-                (row.gallery, row.subject_ref),
-            ).fetchone()
-            return int(count)
-
-        return self._write(tx)
-
-    def delete_subject(self, gallery: str, subject_ref: bytes) -> int:
-        def tx(db: sqlite3.Connection) -> int:
-            cur = db.execute("DELETE FROM templates WHERE gallery = ? AND subject_ref = ?", (gallery, subject_ref))
-            return cur.rowcount
-
-        return self._write(tx)
-
-    def subject_template_count(self, gallery: str, subject_ref: bytes) -> int:
-        rows = self._read(
-            "SELECT count(*) FROM templates WHERE gallery = ? AND subject_ref = ?", (gallery, subject_ref)
-        )
-        return int(rows[0][0])
-
-    def iter_templates(self, gallery: str) -> Iterator[TemplateRow]:
-        rows = self._read(
-            "SELECT gallery, subject_ref, template_id, key_version, subject_blob, template_blob"
-            " FROM templates WHERE gallery = ? ORDER BY seq",
-            (gallery,),
-        )
-        for g, ref, tid, ver, sblob, tblob in rows:
-            yield TemplateRow(str(g), bytes(ref), str(tid), int(ver), bytes(sblob), bytes(tblob))
-
-    def replace_template(self, old: TemplateRow, new: TemplateRow) -> bool:
-        def tx(db: sqlite3.Connection) -> int:
-            cur = db.execute(
-                "UPDATE templates SET key_version = ?, subject_blob = ?, template_blob = ?"
-                " WHERE template_id = ? AND gallery = ? AND subject_ref = ? AND template_blob = ?",
-                (
-                    new.key_version,
-                    new.subject_blob,
-                    new.template_blob,
-                    old.template_id,
-                    old.gallery,
-                    old.subject_ref,
-                    old.template_blob,
-                ),
-            )
-            return cur.rowcount
-
-        return self._write(tx) > 0
-
-    def key_version_counts(self) -> dict[int, int]:
-        rows = self._read("SELECT key_version, count(*) FROM templates GROUP BY key_version")
-        return {int(v): int(str(c)) for v, c in rows}
-
-    def gallery_counts(self) -> dict[str, tuple[int, int]]:
-        rows = self._read("SELECT gallery, count(DISTINCT subject_ref), count(*) FROM templates GROUP BY gallery")
-        return {str(g): (int(s), int(t)) for g, s, t in rows}
-
-    def guard_get(self, scope: str, key: bytes) -> GuardRow | None:
-        rows = self._read(
-            "SELECT count, window_start, locked_until, level FROM guard WHERE scope = ? AND key = ?", (scope, key)
-        )
-        return (int(rows[0][0]), float(rows[0][1]), float(rows[0][2]), int(rows[0][3])) if rows else None
-
-    def guard_update(self, scope: str, key: bytes, update: Callable[[GuardRow | None], GuardRow]) -> GuardRow:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    row = self._db.execute(
-                        "SELECT count, window_start, locked_until, level FROM guard WHERE scope = ? AND key = ?",
-                        (scope, key),
-                    ).fetchone()
-                    new = update((int(row[0]), float(row[1]), float(row[2]), int(row[3])) if row else None)
-                    self._db.execute(
-                        "INSERT INTO guard (scope, key, count, window_start, locked_until, level)"
-                        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET count = excluded.count,"
-                        " window_start = excluded.window_start, locked_until = excluded.locked_until,"
-                        " level = excluded.level",
-                        (scope, key, *new),
-                    )
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise StoreError(f"store write failed: {exc}") from None
-            return new
-
-    def revision(self) -> int:
-        return int(self._read("SELECT value FROM meta WHERE name = 'revision'")[0][0])
 
     def close(self) -> None:
         with self._lock:
