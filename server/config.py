@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,8 @@ class GalleryConfig:
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
+    """The gRPC listener: mutual TLS files, the policy, and the transport limits (docs/configuration.md)."""
+
     listen: str
     tls_cert: Path
     tls_key: Path
@@ -42,6 +44,20 @@ class ServerConfig:
     max_message_bytes: int
     max_workers: int
     max_top_k: int
+    # Transport limits. Defaults here so tests and tools can build a ServerConfig by hand.
+    max_concurrent_rpcs: int = 128
+    max_concurrent_streams: int = 100
+    max_connections: int = 1000
+    max_reflection_streams: int = 2
+    handshake_timeout_seconds: float = 10.0
+    max_connection_idle_seconds: float = 300.0
+    max_connection_age_seconds: float = 0.0
+    max_connection_age_grace_seconds: float = 60.0
+    keepalive_time_seconds: float = 300.0
+    keepalive_timeout_seconds: float = 20.0
+    min_ping_interval_seconds: float = 60.0
+    max_ping_strikes: int = 2
+    permit_keepalive_without_calls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +98,12 @@ SealConfig = FileSealConfig | Pkcs11SealConfig | TransitSealConfig
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     url: str
+    pool_size: int = 8
+    follow_interval_seconds: float = 0.5
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.url.startswith(("postgresql://", "postgres://"))
 
     def sqlite_path(self, base: Path) -> Path:
         """``sqlite:rel/path`` is relative to ``base``; ``sqlite:///abs/path`` is absolute."""
@@ -170,6 +192,8 @@ class _Table:
         value = self.data[key]
         ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            if not -1e308 < value < 1e308:  # TOML integers are unbounded; float() would overflow
+                raise self.fail(key, "is out of range")
             value, ok = float(value), True
         if not ok:
             raise self.fail(key, f"must be a {kind.__name__}")
@@ -246,6 +270,56 @@ def _check_address(t: _Table, key: str, value: str) -> None:
         raise t.fail(key, "must be HOST:PORT (e.g. 127.0.0.1:50051 or [::1]:50051)")
 
 
+def _server(s: _Table, base: Path) -> ServerConfig:
+    d = {f.name: f.default for f in fields(ServerConfig)}  # the dataclass defaults are the documented ones
+    max_workers = _bounded(s, "max_workers", int, 16, 1, 1024)
+    server = ServerConfig(
+        listen=s.get("listen", str, "127.0.0.1:50051"),
+        tls_cert=s.path("tls_cert", base),
+        tls_key=s.path("tls_key", base),
+        client_ca=s.path("client_ca", base),
+        policy=s.path("policy", base),
+        grace_seconds=_bounded(s, "grace_seconds", float, 10.0, 0, 3600),
+        max_message_bytes=_bounded(s, "max_message_bytes", int, 1 << 20, 1024, 64 << 20),
+        max_workers=max_workers,
+        max_top_k=_bounded(s, "max_top_k", int, 100, 1, 10_000),
+        max_concurrent_rpcs=_bounded(s, "max_concurrent_rpcs", int, d["max_concurrent_rpcs"], 1, 100_000),
+        max_concurrent_streams=_bounded(s, "max_concurrent_streams", int, d["max_concurrent_streams"], 1, 10_000),
+        max_connections=_bounded(s, "max_connections", int, d["max_connections"], 1, 1_000_000),
+        # Reflection streams hold a worker thread each while open: at least one worker is always
+        # left for the real calls (a setup with one worker has no reflection).
+        max_reflection_streams=_bounded(
+            s, "max_reflection_streams", int, min(d["max_reflection_streams"], max_workers - 1), 0, max_workers - 1
+        ),
+        handshake_timeout_seconds=_bounded(
+            s, "handshake_timeout_seconds", float, d["handshake_timeout_seconds"], 0.1, 300
+        ),
+        max_connection_idle_seconds=_bounded(
+            s, "max_connection_idle_seconds", float, d["max_connection_idle_seconds"], 0, 7 * 86400
+        ),
+        max_connection_age_seconds=_bounded(
+            s, "max_connection_age_seconds", float, d["max_connection_age_seconds"], 0, 30 * 86400
+        ),
+        max_connection_age_grace_seconds=_bounded(
+            s, "max_connection_age_grace_seconds", float, d["max_connection_age_grace_seconds"], 0, 86400
+        ),
+        keepalive_time_seconds=_bounded(s, "keepalive_time_seconds", float, d["keepalive_time_seconds"], 1, 7 * 86400),
+        keepalive_timeout_seconds=_bounded(
+            s, "keepalive_timeout_seconds", float, d["keepalive_timeout_seconds"], 0.1, 3600
+        ),
+        min_ping_interval_seconds=_bounded(
+            s, "min_ping_interval_seconds", float, d["min_ping_interval_seconds"], 0, 86400
+        ),
+        max_ping_strikes=_bounded(s, "max_ping_strikes", int, d["max_ping_strikes"], 1, 1000),
+        permit_keepalive_without_calls=s.get(
+            "permit_keepalive_without_calls", bool, d["permit_keepalive_without_calls"]
+        ),
+    )
+    _check_address(s, "listen", server.listen)
+    s.done()
+    return server
+
+
 def load_config(path: Path) -> Config:
     """Read and validate ``path``; raise ConfigError naming the file and key on any problem."""
     path = path.resolve()
@@ -255,6 +329,8 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
     base = path.parent
     top = _Table(path, "", raw)
 
@@ -262,20 +338,7 @@ def load_config(path: Path) -> Config:
     if mode not in ("dev", "production"):
         raise top.fail("mode", "must be 'dev' or 'production'")
 
-    s = top.table("server")
-    server = ServerConfig(
-        listen=s.get("listen", str, "127.0.0.1:50051"),
-        tls_cert=s.path("tls_cert", base),
-        tls_key=s.path("tls_key", base),
-        client_ca=s.path("client_ca", base),
-        policy=s.path("policy", base),
-        grace_seconds=_bounded(s, "grace_seconds", float, 10.0, 0, 3600),
-        max_message_bytes=_bounded(s, "max_message_bytes", int, 1 << 20, 1024, 64 << 20),
-        max_workers=_bounded(s, "max_workers", int, 16, 1, 1024),
-        max_top_k=_bounded(s, "max_top_k", int, 100, 1, 10_000),
-    )
-    _check_address(s, "listen", server.listen)
-    s.done()
+    server = _server(top.table("server"), base)
 
     m = top.table("metrics", required=False)
     metrics_listen = m.get("listen", str, "127.0.0.1:9464")
@@ -315,9 +378,16 @@ def load_config(path: Path) -> Config:
     gd.done()
 
     st = top.table("store", required=False)
-    store = StoreConfig(url=st.get("url", str, "sqlite:faceseal.db"))
-    if not store.url.startswith("sqlite:") or store.url in ("sqlite:", "sqlite:///"):
-        raise st.fail("url", "must be sqlite:PATH (relative to the config file) or sqlite:///ABSOLUTE/PATH")
+    store = StoreConfig(
+        url=st.get("url", str, "sqlite:faceseal.db"),
+        pool_size=_bounded(st, "pool_size", int, 8, 1, 1000),
+        follow_interval_seconds=_bounded(st, "follow_interval_seconds", float, 0.5, 0.01, 3600),
+    )
+    if not store.is_postgres and (not store.url.startswith("sqlite:") or store.url in ("sqlite:", "sqlite:///")):
+        raise st.fail(
+            "url",
+            "must be sqlite:PATH (relative to the config file), sqlite:///ABSOLUTE/PATH or postgresql://...",
+        )
     st.done()
 
     seal = _seal(top.table("seal"), base, mode)

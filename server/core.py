@@ -27,7 +27,7 @@ from faceseal.server.gallery.memory import Gallery
 from faceseal.server.guard.guard import Guard
 from faceseal.server.metrics import Metrics
 from faceseal.server.seal.base import Seal, SealError
-from faceseal.server.store.base import Store, TemplateRow
+from faceseal.server.store.base import Store, StoreError, TemplateRow
 
 log = logging.getLogger("faceseal.core")
 
@@ -104,6 +104,8 @@ class Core:
         self._write_lock = threading.Lock()
         self._listeners: list[Callable[[bool], None]] = []
         self.integrity_failures = 0
+        self._applied = 0  # the store revision the in-memory state reflects
+        self._own: set[int] = set()  # revisions this process wrote itself (already in memory)
         self._publish()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -121,6 +123,9 @@ class Core:
         """Unwrap the keyring and open every template. Raises SealError if the seal cannot."""
         if self._state is not None:
             return
+        # Read before the rows: a change committed meanwhile is applied again by ``follow``, and
+        # applying is idempotent (a known template id is skipped, a delete of nothing is nothing).
+        self._applied = self._store.revision()
         barrier = Barrier(vault.load_or_create(self._store, self._seal))
         galleries = {name: self._open_gallery(barrier, g) for name, g in self._config.galleries.items()}
         self._state = _Unsealed(barrier, galleries, derive_audit_key(barrier.keyring.index_key.reveal()))
@@ -136,24 +141,70 @@ class Core:
             try:
                 self.unseal()
                 return
-            except SealError as exc:
+            except (SealError, StoreError) as exc:
                 log.warning("still sealed; retrying", extra={"reason": str(exc), "retry_in_seconds": delay})
             stop.wait(delay)
             delay = min(max_backoff, delay * 2)
 
+    def follow(self) -> int:
+        """Apply changes other writers committed (replicas, worker processes) to memory.
+
+        Returns how many were applied. Under the write lock, so a local write and a followed
+        one never interleave; a Match keeps reading the gallery meanwhile.
+        """
+        state = self._state
+        if state is None:
+            return 0
+        with self._write_lock:
+            revision, changes = self._store.changes_since(self._applied)
+            foreign = [c for c in changes if c.revision not in self._own]
+            if any(c.kind == "keys" for c in foreign):
+                try:
+                    keyring = vault.load(self._store, self._seal)
+                except SealError as exc:
+                    log.error("cannot follow a keyring change; keeping the current keys", extra={"reason": str(exc)})
+                    return 0
+                state = _Unsealed(Barrier(keyring), state.galleries, state.audit_key)
+                self._state = state
+            for change in foreign:
+                gallery = state.galleries.get(change.gallery)
+                if gallery is None:
+                    continue
+                if change.kind == "delete_subject":
+                    gallery.remove_ref(change.subject_ref)
+                elif change.kind == "put" and not gallery.has_template(change.template_id):
+                    row = self._store.template(change.template_id)
+                    if row is not None:  # None: deleted again since; a later change says so
+                        self._open_row(state.barrier, gallery, row)
+            self._applied = revision
+            self._own = {r for r in self._own if r > revision}
+        if foreign:
+            self._publish()
+        return len(foreign)
+
+    def follow_until(self, stop: threading.Event) -> None:
+        """Poll the store's revision until ``stop``; a failed poll is logged and retried."""
+        while not stop.wait(self._config.store.follow_interval_seconds):
+            try:
+                self.follow()
+            except Exception as exc:  # the store may be briefly unreachable; try again next tick
+                log.warning("could not follow the store", extra={"reason": type(exc).__name__})
+
+    def _open_row(self, barrier: Barrier, gallery: Gallery, row: TemplateRow) -> None:
+        config = gallery.config
+        sealed = SealedTemplate(row.key_version, row.subject_blob, row.template_blob)
+        try:
+            subject_id, encoding = barrier.open(config.name, row.subject_ref, row.template_id, sealed, config.dimension)
+        except IntegrityError:
+            self._alarm(config.name)
+            gallery.poison(row.subject_ref)
+            return
+        gallery.add(subject_id, row.template_id, encoding, subject_ref=row.subject_ref)
+
     def _open_gallery(self, barrier: Barrier, config: GalleryConfig) -> Gallery:
         gallery = Gallery(config)
         for row in self._store.iter_templates(config.name):
-            sealed = SealedTemplate(row.key_version, row.subject_blob, row.template_blob)
-            try:
-                subject_id, encoding = barrier.open(
-                    config.name, row.subject_ref, row.template_id, sealed, config.dimension
-                )
-            except IntegrityError:
-                self._alarm(config.name)
-                gallery.poison(row.subject_ref)
-                continue
-            gallery.add(subject_id, row.template_id, encoding, subject_ref=row.subject_ref)
+            self._open_row(barrier, gallery, row)
         return gallery
 
     def _audit_key(self) -> bytes | None:
@@ -218,6 +269,7 @@ class Core:
             ref = barrier.subject_ref(name, subject_id)
             row = TemplateRow(name, ref, template_id, sealed.key_version, sealed.subject_blob, sealed.template_blob)
             count = self._store.put_template(row, replace_subject=replace)
+            self._own.add(self._store.last_revision)
             gallery.add(subject_id, template_id, vector, subject_ref=ref, replace=replace)
             if replace:
                 gallery.clear_poison(ref)
@@ -261,6 +313,7 @@ class Core:
                 raise NotFound("no such subject in this gallery")
             self.audit.record(AuditEntry("OK", gallery.config.name, subject_id))
             deleted = self._store.delete_subject(gallery.config.name, ref)
+            self._own.add(self._store.last_revision)
             gallery.remove(subject_id, ref)
         self._metrics.templates.labels(gallery.config.name).set(gallery.size()[1])
         return deleted
@@ -298,6 +351,7 @@ class Core:
             state = self._unsealed()
             self.audit.record(AuditEntry("OK"))
             keyring = vault.add_version(self._store, self._seal, state.barrier.keyring)
+            self._own.add(self._store.last_revision)
             self._state = _Unsealed(Barrier(keyring), state.galleries, state.audit_key)
             self._publish()
         log.info("data key rotated", extra={"key_version": keyring.active})
@@ -360,6 +414,7 @@ class Core:
                 raise FailedPrecondition(f"key version {version} still seals {in_use} templates; run Rewrap first")
             self.audit.record(AuditEntry("OK"))
             keyring = vault.retire_version(self._store, self._seal, keyring, version)
+            self._own.add(self._store.last_revision)
             self._state = _Unsealed(Barrier(keyring), state.galleries, state.audit_key)
             self._publish()
         log.info("data key retired", extra={"key_version": version})

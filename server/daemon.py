@@ -18,6 +18,9 @@ from types import FrameType
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
@@ -29,7 +32,7 @@ from faceseal.server.api.service import PERMISSIONS, FaceSealServicer
 from faceseal.server.audit.log import AuditEntry
 from faceseal.server.auth.interceptor import AuthInterceptor, PolicyHolder
 from faceseal.server.auth.policy import load_policy
-from faceseal.server.config import Config, load_config, split_address
+from faceseal.server.config import Config, ServerConfig, load_config, split_address
 from faceseal.server.core import Core
 from faceseal.server.errors import ConfigError
 from faceseal.server.metrics import Metrics
@@ -47,6 +50,10 @@ ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["FaceSealAdminService
 
 
 def open_store(config: Config) -> Store:
+    if config.store.is_postgres:
+        from faceseal.server.store.postgres import PostgresStore
+
+        return PostgresStore(config.store.url, pool_size=config.store.pool_size)
     return SQLiteStore(config.store.sqlite_path(config.base_dir))
 
 
@@ -68,6 +75,7 @@ class _Certificates:
             key, cert, ca = s.tls_key.read_bytes(), s.tls_cert.read_bytes(), s.client_ca.read_bytes()
         except OSError as exc:
             raise ConfigError(f"{self._config.path}: cannot read a TLS file: {exc.filename}: {exc.strerror}") from None
+        _check_tls_files(s, key, cert, ca)
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def reload(self) -> None:
@@ -76,6 +84,26 @@ class _Certificates:
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         pending, self._pending = self._pending, None
         return pending
+
+
+def _check_tls_files(s: ServerConfig, key: bytes, cert: bytes, ca: bytes) -> None:
+    """Refuse TLS files grpc would only fail on at the next handshake: unparsable ones, or a key
+    and certificate that do not belong together (a rotation caught half-way through copying)."""
+    try:
+        chain = x509.load_pem_x509_certificates(cert)
+    except ValueError:
+        raise ConfigError(f"{s.tls_cert}: not a PEM certificate (key 'server.tls_cert')") from None
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(f"{s.tls_key}: not an unencrypted PEM private key (key 'server.tls_key')") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+        raise ConfigError(f"{s.tls_key}: this private key does not belong to the certificate in {s.tls_cert}")
+    try:
+        x509.load_pem_x509_certificates(ca)
+    except ValueError:
+        raise ConfigError(f"{s.client_ca}: not a PEM certificate bundle (key 'server.client_ca')") from None
 
 
 class Daemon:
@@ -92,18 +120,22 @@ class Daemon:
         self.metrics_port: int | None = None
         self._metrics_server: MetricsServer | None = None
         self._stop_unsealing = threading.Event()
-        limit = config.server.max_message_bytes
+        self._follower: threading.Thread | None = None
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="rpc"),
             interceptors=[
                 MetricsInterceptor(self.metrics),
-                AuthInterceptor(self.policies, PERMISSIONS | admin.PERMISSIONS, self.metrics, self._audit_failure),
+                AuthInterceptor(
+                    self.policies,
+                    PERMISSIONS | admin.PERMISSIONS,
+                    self.metrics,
+                    self._audit_failure,
+                    reflection_streams=config.server.max_reflection_streams,
+                ),
             ],
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=server_options(config.server),
+            # Calls queued for or running on a worker; beyond it grpc answers RESOURCE_EXHAUSTED.
+            maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
         )
         faceseal_pb2_grpc.add_FaceSealServiceServicer_to_server(FaceSealServicer(self.core), self.server)
         admin_pb2_grpc.add_FaceSealAdminServiceServicer_to_server(admin.FaceSealAdminServicer(self.core), self.server)
@@ -144,6 +176,11 @@ class Daemon:
         threading.Thread(
             target=self.core.unseal_until, args=(self._stop_unsealing,), name="unseal", daemon=True
         ).start()
+        # Other replicas (or worker processes) on the same store: apply what they commit.
+        self._follower = threading.Thread(
+            target=self.core.follow_until, args=(self._stop_unsealing,), name="follow", daemon=True
+        )
+        self._follower.start()
         log.info("listening", extra={"address": self.config.server.listen, "port": self.port})
 
     def _start_metrics(self) -> None:
@@ -169,11 +206,15 @@ class Daemon:
             log.error("reload refused; keeping the running policy and certificates", extra={"reason": str(exc)})
             return
         self.policies.replace(policy)
-        log.info("policy and certificates reloaded", extra={"callers": len(policy.rules)})
+        log.info(
+            "policy and certificates reloaded", extra={"callers": len(policy.rules), "revoked": len(policy.revoked)}
+        )
 
     def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish within the grace period, then close."""
         self._stop_unsealing.set()
+        if self._follower is not None:
+            self._follower.join(timeout=10)
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.server.grace_seconds if grace is None else grace).wait()
         self.store.close()
@@ -181,6 +222,39 @@ class Daemon:
         if self._metrics_server is not None:
             self._metrics_server.close()
         log.info("stopped")
+
+
+def server_options(s: ServerConfig) -> list[tuple[str, int]]:
+    """The gRPC core channel arguments for the [server] transport limits (docs/configuration.md)."""
+
+    def ms(seconds: float) -> int:
+        return round(seconds * 1000)
+
+    options = [
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.max_send_message_length", s.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls open at once on one connection.
+        ("grpc.max_concurrent_streams", s.max_concurrent_streams),
+        # Connections accepted at once (counted from accept, before the TLS handshake) ...
+        ("grpc.max_allowed_incoming_connections", s.max_connections),
+        # ... and how long one may take to finish its handshake.
+        ("grpc.server_handshake_timeout_ms", ms(s.handshake_timeout_seconds)),
+        # Server-to-client pings that find dead peers.
+        ("grpc.keepalive_time_ms", ms(s.keepalive_time_seconds)),
+        ("grpc.keepalive_timeout_ms", ms(s.keepalive_timeout_seconds)),
+        # Client pings: more often than this (or at all with no call open, unless permitted) is a
+        # strike; past max_ping_strikes the connection gets GOAWAY "too_many_pings".
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(s.min_ping_interval_seconds)),
+        ("grpc.http2.max_ping_strikes", s.max_ping_strikes),
+        ("grpc.keepalive_permit_without_calls", int(s.permit_keepalive_without_calls)),
+    ]
+    if s.max_connection_idle_seconds > 0:
+        options.append(("grpc.max_connection_idle_ms", ms(s.max_connection_idle_seconds)))
+    if s.max_connection_age_seconds > 0:
+        options.append(("grpc.max_connection_age_ms", ms(s.max_connection_age_seconds)))
+        options.append(("grpc.max_connection_age_grace_ms", ms(s.max_connection_age_grace_seconds)))
+    return options
 
 
 def _methods() -> list[tuple[str, str]]:

@@ -74,6 +74,33 @@ class MetricsInterceptor(_Interceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if kind == "server_stream" and getattr(handler.unary_stream, "experimental_non_blocking", False):
+            # The health service's Watch answers through a callback instead of holding a worker
+            # thread for as long as the watcher stays; wrapping it in a generator would make every
+            # open Watch occupy one of the server's workers.
+            inner_callback = handler.unary_stream
+
+            def callback_stream(request: Any, context: grpc.ServicerContext, **callback: Any) -> Any:
+                m.started.labels(*labels).inc()
+                start = time.perf_counter()
+                try:
+                    result = inner_callback(request, context, **callback)
+                except BaseException:
+                    finish(context, start, True)
+                    raise
+                if not context.add_callback(lambda: finish(context, start, False)):
+                    finish(context, start, False)  # the call had ended already
+                return result
+
+            callback_stream.experimental_non_blocking = True  # type: ignore[attr-defined]
+            callback_stream.experimental_thread_pool = getattr(  # type: ignore[attr-defined]
+                inner_callback, "experimental_thread_pool", None
+            )
+            return grpc.unary_stream_rpc_method_handler(
+                callback_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if kind == "server_stream":
             inner_stream = handler.unary_stream
 

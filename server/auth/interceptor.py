@@ -6,6 +6,16 @@ from the call's auth context, resolves it against the current policy, and refuse
 UNAUTHENTICATED (unknown identity) or PERMISSION_DENIED (no such permission anywhere) before
 the servicer is entered. Per-gallery checks happen in the core, which knows the gallery.
 
+Before any policy lookup, on every call (the open services included), the certificate itself is
+checked: one on the policy's ``[revoked]`` list, or past its validity period, is refused with
+UNAUTHENTICATED. TLS checks validity only at the handshake and a connection may live for days;
+checking per call means a revocation (on SIGHUP) or an expiry also ends an existing connection's
+access at its next call.
+
+Reflection streams hold a worker thread for as long as the client keeps them open, so at most
+``reflection_streams`` may be open at once; more are refused with RESOURCE_EXHAUSTED rather than
+letting any certificate holder occupy every worker.
+
 The wrapper also guarantees one audit record per call: the core records what it decided or
 changed (before committing it); a call that fails without such a record (refused here, invalid,
 not found, ...) is recorded here, with the status code it ended with.
@@ -17,14 +27,17 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from faceseal.server.api.errors import abort
-from faceseal.server.auth.identity import identity_from_pem
+from faceseal.server.auth.identity import identity_of
 from faceseal.server.auth.policy import Caller, Permission, Policy
-from faceseal.server.errors import PermissionDenied, Unauthenticated
+from faceseal.server.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from faceseal.server.metrics import Metrics
 from faceseal.server.request import RequestInfo, bind, current, unbind
 
@@ -37,6 +50,10 @@ OPEN_SERVICES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+
+# Attributes grpc reads off a server-streaming behaviour (the health service's non-blocking
+# Watch); a wrapper must carry them, or each Watch would hold a worker thread while open.
+STREAM_BEHAVIOUR_ATTRIBUTES = ("experimental_non_blocking", "experimental_thread_pool")
 
 # Called with (request, final status code) for a call that ended without an audit record.
 FailureAudit = Callable[[Any, grpc.StatusCode], None]
@@ -80,11 +97,14 @@ class AuthInterceptor(_Interceptor):
         permissions: dict[str, Permission],
         metrics: Metrics,
         audit_failure: FailureAudit,
+        *,
+        reflection_streams: int = 2,
     ) -> None:
         self._metrics = metrics
         self._policies = policies
         self._permissions = permissions
         self._audit_failure = audit_failure
+        self._reflection_streams = threading.BoundedSemaphore(reflection_streams) if reflection_streams else None
 
     def intercept_service(
         self,
@@ -93,17 +113,51 @@ class AuthInterceptor(_Interceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(details)
         method: str = details.method
-        if handler is None or method.startswith(OPEN_SERVICES):
+        if handler is None:
             return handler
+        if method.startswith(OPEN_SERVICES):
+            return self._wrap_open(handler, method)
         permission = self._permissions.get(method)
         return self._wrap(handler, method, permission)
 
-    def _authenticate(self, context: grpc.ServicerContext, info: RequestInfo, permission: Permission | None) -> None:
+    @staticmethod
+    def _peer(context: grpc.ServicerContext) -> x509.Certificate | None:
+        """The peer's verified leaf certificate (the handshake checked its chain against our CA)."""
         raw: bytes | list[bytes] = context.auth_context().get("x509_pem_cert") or []
         pems = [raw] if isinstance(raw, bytes) else list(raw)
-        identity = identity_from_pem(pems[0]) if pems else None
-        info.identity = identity or ""
-        found = self._policies.policy.resolve(identity) if identity else None
+        return x509.load_pem_x509_certificate(pems[0]) if pems else None
+
+    def _refuse_untrusted(
+        self, context: grpc.ServicerContext, policy: Policy, cert: x509.Certificate, method: str
+    ) -> None:
+        """Refuse a certificate on the revocation list, or outside its validity period: the
+        handshake checked the dates, but the connection may be older than the certificate's
+        remaining life."""
+        fingerprint = cert.fingerprint(hashes.SHA256())
+        if policy.revoked.revokes(cert.serial_number, fingerprint):
+            log.warning(
+                "revoked certificate refused",
+                extra={"reason": "revoked", "sha256": fingerprint.hex(), "method": method},
+            )
+            self._metrics.auth_denied.labels("revoked").inc()
+            abort(context, Unauthenticated("this certificate has been revoked"))
+        now = datetime.now(UTC)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            log.warning(
+                "expired certificate refused",
+                extra={"reason": "expired", "sha256": fingerprint.hex(), "method": method},
+            )
+            self._metrics.auth_denied.labels("expired").inc()
+            abort(context, Unauthenticated("this certificate is outside its validity period"))
+
+    def _authenticate(self, context: grpc.ServicerContext, info: RequestInfo, permission: Permission | None) -> None:
+        policy = self._policies.policy  # one policy for the whole check, even across a SIGHUP
+        cert = self._peer(context)
+        identity = identity_of(cert) if cert is not None else None
+        info.identity = identity or ""  # set first, so a refusal below is logged and audited with it
+        if cert is not None:
+            self._refuse_untrusted(context, policy, cert, info.method)
+        found = policy.resolve(identity) if identity else None
         if found is None:
             log.warning("unknown caller refused", extra={"reason": "unknown_identity", "method": info.method})
             self._metrics.auth_denied.labels("unknown_identity").inc()
@@ -113,6 +167,55 @@ class AuthInterceptor(_Interceptor):
             self._metrics.auth_denied.labels("no_permission").inc()
             abort(context, PermissionDenied(f"this caller lacks the '{permission}' permission"))
         info.caller = found
+
+    def _wrap_open(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        """Health and reflection: no policy entry needed, but a revoked or expired certificate is
+        refused here too, and reflection streams are capped."""
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+
+        def check(context: grpc.ServicerContext) -> None:
+            cert = self._peer(context)
+            if cert is not None:
+                self._refuse_untrusted(context, self._policies.policy, cert, method)
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                check(context)
+                return inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            def stream(request: Any, context: grpc.ServicerContext, **callback: Any) -> Any:
+                check(context)
+                return inner_stream(request, context, **callback)  # send_response_callback, if non-blocking
+
+            for attribute in STREAM_BEHAVIOUR_ATTRIBUTES:
+                if hasattr(inner_stream, attribute):
+                    setattr(stream, attribute, getattr(inner_stream, attribute))
+            return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+        if handler.stream_stream:
+            inner_bidi = handler.stream_stream
+            slots = self._reflection_streams
+
+            def bidi(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+                check(context)
+                if slots is None or not slots.acquire(blocking=False):
+                    log.warning("reflection stream refused: too many open", extra={"method": method})
+                    abort(context, ResourceExhausted("too many reflection streams are open; retry later", 1.0))
+                try:
+                    yield from inner_bidi(requests, context)
+                finally:
+                    slots.release()
+
+            return grpc.stream_stream_rpc_method_handler(bidi, **kwargs)
+        raise NotImplementedError(f"an open method of an unexpected kind: {method}")
 
     def _failed(self, request: Any, context: grpc.ServicerContext, info: RequestInfo) -> None:
         if info.audited:

@@ -3,13 +3,17 @@
 Deny by default. A caller rule matches an identity exactly, or by prefix when its identity ends
 in ``*``; an exact rule wins over any prefix, and a longer prefix over a shorter one, so a broad
 ``spiffe://corp/gateways/*`` grant can be narrowed for one named gateway.
+
+The ``[revoked]`` table is a deny list of certificates, by serial number and by SHA-256
+fingerprint: a listed certificate is refused before any rule is looked at, whatever it names.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -75,8 +79,23 @@ class Caller:
 
 
 @dataclass(frozen=True, slots=True)
+class Revocations:
+    """Certificates refused whatever they name: serial numbers (as integers) and SHA-256 digests."""
+
+    serials: frozenset[int] = frozenset()
+    sha256: frozenset[bytes] = frozenset()
+
+    def __len__(self) -> int:
+        return len(self.serials) + len(self.sha256)
+
+    def revokes(self, serial: int, sha256: bytes) -> bool:
+        return serial in self.serials or sha256 in self.sha256
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     rules: tuple[Rule, ...]
+    revoked: Revocations = field(default_factory=Revocations)
 
     def resolve(self, identity: str) -> Caller | None:
         """The most specific rule for ``identity``, or None (the caller is unknown)."""
@@ -87,6 +106,12 @@ class Policy:
 
 
 _RULE_KEYS = {"identity", "permissions", "galleries", "disclosure", "rate", "failures_per_hour", "identify_per_hour"}
+_REVOKED_KEYS = {"serials", "sha256"}
+# A serial as ``openssl x509 -serial`` (1A2B...), ``-text`` (1a:2b:...) or Python (0x1a2b...) prints
+# it; RFC 5280 caps serials at 20 octets. A fingerprint as ``openssl x509 -fingerprint -sha256``
+# prints it (AB:CD:...) or as 64 plain hex digits.
+_SERIAL = re.compile(r"(?:0[xX])?(?:[0-9A-Fa-f]{1,40}|[0-9A-Fa-f]{1,2}(?::[0-9A-Fa-f]{2}){1,19})")
+_SHA256 = re.compile(r"[0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){31}")
 
 
 def parse_policy(text: str, source: str) -> Policy:
@@ -95,7 +120,9 @@ def parse_policy(text: str, source: str) -> Policy:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    unknown = set(raw) - {"callers"}
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError(f"{source}: not valid TOML: arrays or tables nested too deeply") from None
+    unknown = set(raw) - {"callers", "revoked"}
     if unknown:
         raise ConfigError(f"{source}: key '{sorted(unknown)[0]}' is not a known setting")
     entries = raw.get("callers", [])
@@ -142,7 +169,33 @@ def parse_policy(text: str, source: str) -> Policy:
                 identify_per_hour=_positive(entry, "identify_per_hour", int, where),
             )
         )
-    return Policy(tuple(rules))
+    return Policy(tuple(rules), _revocations(raw.get("revoked", {}), source))
+
+
+def _revocations(table: Any, source: str) -> Revocations:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: key 'revoked' must be a table ([revoked])")
+    extra = set(table) - _REVOKED_KEYS
+    if extra:
+        raise ConfigError(f"{source}: key 'revoked.{sorted(extra)[0]}' is not a known setting")
+    where = f"{source}: revoked"
+    serials: set[int] = set()
+    for i, value in enumerate(_strings(table, "serials", where, required=False)):
+        if not _SERIAL.fullmatch(value):
+            raise ConfigError(
+                f"{where}.serials[{i}]: {value!r} is not a certificate serial number "
+                "(hex, up to 20 bytes: 0x1a2b..., 1A2B... or 1a:2b:...)"
+            )
+        serials.add(int(value.replace(":", ""), 16))
+    digests: set[bytes] = set()
+    for i, value in enumerate(_strings(table, "sha256", where, required=False)):
+        if not _SHA256.fullmatch(value):
+            raise ConfigError(
+                f"{where}.sha256[{i}]: {value!r} is not a SHA-256 certificate fingerprint "
+                "(64 hex digits, plain or as AB:CD:... pairs)"
+            )
+        digests.add(bytes.fromhex(value.replace(":", "")))
+    return Revocations(frozenset(serials), frozenset(digests))
 
 
 def load_policy(path: Path) -> Policy:
@@ -173,7 +226,9 @@ def _string(entry: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _strings(entry: dict[str, Any], key: str, where: str) -> Iterable[str]:
+def _strings(entry: dict[str, Any], key: str, where: str, *, required: bool = True) -> Iterable[str]:
+    if not required and key not in entry:
+        return []
     value = entry.get(key)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where}: key '{key}' must be a list of strings")

@@ -12,7 +12,7 @@ import struct
 
 from faceseal.server.crypto.keyring import Keyring, SecretKey
 from faceseal.server.seal.base import Seal, SealError
-from faceseal.server.store.base import Store, WrappedKey
+from faceseal.server.store.base import Store, StoreError, WrappedKey
 
 INDEX = "index"
 DATA = "data"
@@ -35,13 +35,19 @@ def load_or_create(store: Store, seal: Seal) -> Keyring:
     wrapped = store.wrapped_keys()
     if not wrapped:
         keyring = Keyring(SecretKey.generate(), {1: SecretKey.generate()})
-        store.add_wrapped_keys(
-            [
-                WrappedKey(INDEX, 1, seal.wrap(keyring.index_key.reveal(), wrap_aad(INDEX, 1))),
-                WrappedKey(DATA, 1, seal.wrap(keyring.data_keys[1].reveal(), wrap_aad(DATA, 1))),
-            ]
-        )
-        return keyring
+        try:
+            store.add_wrapped_keys(
+                [
+                    WrappedKey(INDEX, 1, seal.wrap(keyring.index_key.reveal(), wrap_aad(INDEX, 1))),
+                    WrappedKey(DATA, 1, seal.wrap(keyring.data_keys[1].reveal(), wrap_aad(DATA, 1))),
+                ]
+            )
+            return keyring
+        except StoreError:
+            # Another replica sharing this store created the keyring first: use theirs.
+            wrapped = store.wrapped_keys()
+            if not wrapped:
+                raise
     index: SecretKey | None = None
     data: dict[int, SecretKey] = {}
     for item in wrapped:

@@ -41,6 +41,8 @@ class Gallery:
         self._row_template: list[str] = []
         self._rows: dict[str, list[int]] = {}
         self._refs: dict[str, bytes] = {}
+        self._by_ref: dict[bytes, str] = {}
+        self._templates: set[str] = set()
         self._poisoned: set[bytes] = set()
 
     # -- writes (after the store committed) -------------------------------------------------
@@ -60,7 +62,21 @@ class Gallery:
             self._row_template.append(template_id)
             self._rows.setdefault(subject_id, []).append(row)
             self._refs[subject_id] = subject_ref
+            self._by_ref[subject_ref] = subject_id
+            self._templates.add(template_id)
             self._n += 1
+
+    def has_template(self, template_id: str) -> bool:
+        with self._lock:
+            return template_id in self._templates
+
+    def remove_ref(self, subject_ref: bytes) -> None:
+        """Remove a subject known only by its reference (a replica applying another's Delete)."""
+        with self._lock:
+            subject_id = self._by_ref.get(subject_ref)
+            if subject_id is not None:
+                self._remove_locked(subject_id)
+            self._poisoned.discard(subject_ref)
 
     def remove(self, subject_id: str, subject_ref: bytes) -> None:
         with self._lock:
@@ -139,9 +155,12 @@ class Gallery:
     def _remove_locked(self, subject_id: str) -> None:
         # Remove rows from the highest index down, moving the last row into each hole so the
         # matrix stays dense; the moved row's subject has its index list updated.
-        self._refs.pop(subject_id, None)
+        ref = self._refs.pop(subject_id, None)
+        if ref is not None:
+            self._by_ref.pop(ref, None)
         for row in sorted(self._rows.pop(subject_id, ()), reverse=True):
             last = self._n - 1
+            self._templates.discard(self._row_template[row])
             if row != last:
                 moved = self._row_subject[last]
                 self._matrix[row] = self._matrix[last]

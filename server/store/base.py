@@ -68,6 +68,8 @@ class StoreError(Exception):
 class Store(Protocol):
     """Four families of calls: keyring, templates, counts, lifecycle."""
 
+    last_revision: int  # the revision of the newest write made through this object
+
     def wrapped_keys(self) -> list[WrappedKey]:
         """Every wrapped key, ordered by purpose then version."""
         ...

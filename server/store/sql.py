@@ -49,12 +49,18 @@ class SqlStore(ABC):
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one read-only statement."""
 
+    # The revision of the newest write made through this object. Its owner reads it right after a
+    # write, under its own write lock, to skip its own changes when following the log.
+    last_revision = 0
+
     def _write(self, fn: Callable[[Tx, int], int]) -> int:
         """Run ``fn(tx, revision)`` in a transaction that also bumps the revision."""
         with self._transaction() as tx:
             tx.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
             (revision,) = tx.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
-            return fn(tx, int(revision))
+            result = fn(tx, int(revision))
+        self.last_revision = int(revision)
+        return result
 
     @staticmethod
     def _change(tx: Tx, revision: int, kind: str, gallery: str = "", ref: bytes = b"", template_id: str = "") -> None:
