@@ -44,6 +44,7 @@ class ServerConfig:
     max_message_bytes: int
     max_workers: int
     max_top_k: int
+    max_batch: int
     # Transport limits. Defaults here so tests and tools can build a ServerConfig by hand.
     max_concurrent_rpcs: int = 128
     max_concurrent_streams: int = 100
@@ -283,6 +284,7 @@ def _server(s: _Table, base: Path) -> ServerConfig:
         max_message_bytes=_bounded(s, "max_message_bytes", int, 1 << 20, 1024, 64 << 20),
         max_workers=max_workers,
         max_top_k=_bounded(s, "max_top_k", int, 100, 1, 10_000),
+        max_batch=_bounded(s, "max_batch", int, 10_000, 1, 1_000_000),
         max_concurrent_rpcs=_bounded(s, "max_concurrent_rpcs", int, d["max_concurrent_rpcs"], 1, 100_000),
         max_concurrent_streams=_bounded(s, "max_concurrent_streams", int, d["max_concurrent_streams"], 1, 10_000),
         max_connections=_bounded(s, "max_connections", int, d["max_connections"], 1, 1_000_000),

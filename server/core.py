@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +22,18 @@ from faceseal.server.auth.policy import Caller, Permission
 from faceseal.server.config import Config, GalleryConfig
 from faceseal.server.crypto import vault
 from faceseal.server.crypto.barrier import Barrier, SealedTemplate
-from faceseal.server.errors import FailedPrecondition, IntegrityError, NotFound, PermissionDenied, Sealed
+from faceseal.server.errors import (
+    FaceSealError,
+    FailedPrecondition,
+    IntegrityError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Sealed,
+)
 from faceseal.server.gallery.memory import Gallery
 from faceseal.server.guard.guard import Guard
+from faceseal.server.matching.distance import F32
 from faceseal.server.metrics import Metrics
 from faceseal.server.seal.base import Seal, SealError
 from faceseal.server.store.base import Store, StoreError, TemplateRow
@@ -81,6 +90,21 @@ class RewrapProgress:
     done: int
     total: int
     target_version: int
+
+
+# (gallery, subject_id, encoding, replace), as a BulkEnroll stream carries them.
+EnrollItem = tuple[str, str, Sequence[float], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """An enrollment that passed every check and waits for the commit."""
+
+    gallery: Gallery
+    subject_id: str
+    vector: F32
+    replace: bool
+    template_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,14 +260,17 @@ class Core:
             raise Sealed("the daemon is sealed: its keys are not available yet; retry later")
         return state
 
-    def _gallery(self, caller: Caller, permission: Permission, name: str) -> tuple[_Unsealed, Gallery]:
+    def _gallery(
+        self, caller: Caller, permission: Permission, name: str, *, admit: bool = True
+    ) -> tuple[_Unsealed, Gallery]:
         name = validation.gallery_name(name) if name else self._config.default_gallery
         try:
             caller.authorize(permission, name)
         except PermissionDenied as exc:
             self._metrics.auth_denied.labels(exc.reason).inc()
             raise
-        self.guard.admit(caller)
+        if admit:
+            self.guard.admit(caller)
         state = self._unsealed()
         gallery = state.galleries.get(name)
         if gallery is None:
@@ -255,26 +282,71 @@ class Core:
     def enroll(
         self, caller: Caller, gallery_name: str, subject_id: str, encoding: Sequence[float], replace: bool
     ) -> EnrollOutcome:
-        _, gallery = self._gallery(caller, Permission.ENROLL, gallery_name)
+        item = self._prepare(caller, gallery_name, subject_id, encoding, replace)
+        return self._commit([item])[0]
+
+    def bulk_enroll(self, caller: Caller, items: Iterable[EnrollItem]) -> list[EnrollOutcome | FaceSealError]:
+        """Validate every item, then store all valid ones in one transaction, in stream order.
+
+        An invalid item is reported and skipped; the rest commit together or not at all (a
+        stream that breaks off, an audit log that cannot be written), so a client can resend
+        a whole batch without duplicating templates.
+        """
+        self.guard.admit(caller)
+        prepared: list[_Pending | FaceSealError] = []
+        for n, item in enumerate(items):
+            if n >= self._config.server.max_batch:
+                raise InvalidArgument(f"a BulkEnroll stream holds at most {self._config.server.max_batch} items")
+            try:
+                prepared.append(self._prepare(caller, *item, admit=False))
+            except (InvalidArgument, PermissionDenied, NotFound) as exc:
+                prepared.append(exc)
+        valid = [p for p in prepared if isinstance(p, _Pending)]
+        outcomes = iter(self._commit(valid)) if valid else iter(())
+        return [next(outcomes) if isinstance(p, _Pending) else p for p in prepared]
+
+    def _prepare(
+        self,
+        caller: Caller,
+        gallery_name: str,
+        subject_id: str,
+        encoding: Sequence[float],
+        replace: bool,
+        *,
+        admit: bool = True,
+    ) -> _Pending:
+        _, gallery = self._gallery(caller, Permission.ENROLL, gallery_name, admit=admit)
         subject_id = validation.subject_id(subject_id)
         vector = validation.vector(encoding, gallery.config.dimension, "encoding")
-        name = gallery.config.name
-        template_id = secrets.token_hex(16)
+        return _Pending(gallery, subject_id, vector, replace, secrets.token_hex(16))
+
+    def _commit(self, items: Sequence[_Pending]) -> list[EnrollOutcome]:
         with self._write_lock:
-            self.audit.record(AuditEntry("OK", name, subject_id))
+            for item in items:  # on record before anything is stored (fail closed)
+                self.audit.record(AuditEntry("OK", item.gallery.config.name, item.subject_id))
             # Seal under the keyring current inside the lock: one taken before it could name a
             # version that a RetireKey in between has destroyed (an acknowledged, unopenable row).
             barrier = self._unsealed().barrier
-            sealed = barrier.seal(name, subject_id, template_id, vector)
-            ref = barrier.subject_ref(name, subject_id)
-            row = TemplateRow(name, ref, template_id, sealed.key_version, sealed.subject_blob, sealed.template_blob)
-            count = self._store.put_template(row, replace_subject=replace)
+            rows = []
+            for item in items:
+                name = item.gallery.config.name
+                sealed = barrier.seal(name, item.subject_id, item.template_id, item.vector)
+                ref = barrier.subject_ref(name, item.subject_id)
+                row = TemplateRow(
+                    name, ref, item.template_id, sealed.key_version, sealed.subject_blob, sealed.template_blob
+                )
+                rows.append((row, item.replace))
+            counts = self._store.put_templates(rows)
             self._own.add(self._store.last_revision)
-            gallery.add(subject_id, template_id, vector, subject_ref=ref, replace=replace)
-            if replace:
-                gallery.clear_poison(ref)
-        self._metrics.templates.labels(name).set(gallery.size()[1])
-        return EnrollOutcome(subject_id, template_id, count)
+            for item, (row, _) in zip(items, rows, strict=True):
+                item.gallery.add(
+                    item.subject_id, item.template_id, item.vector, subject_ref=row.subject_ref, replace=item.replace
+                )
+                if item.replace:
+                    item.gallery.clear_poison(row.subject_ref)
+        for gallery in {id(i.gallery): i.gallery for i in items}.values():
+            self._metrics.templates.labels(gallery.config.name).set(gallery.size()[1])
+        return [EnrollOutcome(i.subject_id, i.template_id, c) for i, c in zip(items, counts, strict=True)]
 
     def match(self, caller: Caller, gallery_name: str, subject_id: str, probe: Sequence[float]) -> MatchOutcome:
         state, gallery = self._gallery(caller, Permission.MATCH, gallery_name)

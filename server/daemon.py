@@ -264,6 +264,8 @@ def _methods() -> list[tuple[str, str]]:
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 kind = "server_stream" if method.server_streaming else "unary"
+                if method.client_streaming:
+                    kind = "client_stream"
                 out.append((f"/{service.full_name}/{method.name}", kind))
     return out
 

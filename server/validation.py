@@ -17,6 +17,12 @@ from faceseal.server.errors import InvalidArgument
 
 SUBJECT_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}", re.ASCII)
 
+# The length (L2 norm) a vector may have. No face model comes near either end, and beyond them the
+# gallery's float32 pre-ranking over- or underflows (squares past 3.4e38, squared lengths below the
+# smallest normal float32), so Identify would silently rank such a template or probe last.
+MIN_NORM = 1e-10
+MAX_NORM = 1e10
+
 
 def subject_id(value: str) -> str:
     if not SUBJECT_ID.fullmatch(value):
@@ -42,6 +48,8 @@ def vector(values: Sequence[float], dimension: int, field: str) -> npt.NDArray[n
         raise InvalidArgument(f"{field} must contain only finite numbers (no NaN or infinity)")
     if not np.any(arr):
         raise InvalidArgument(f"{field} must not be all zeros")
+    if not MIN_NORM <= float(np.linalg.norm(arr.astype(np.float64))) <= MAX_NORM:
+        raise InvalidArgument(f"{field} must have a length (L2 norm) between {MIN_NORM:g} and {MAX_NORM:g}")
     return arr
 
 

@@ -30,6 +30,7 @@ import json
 import math
 import re
 import string
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,9 +47,11 @@ from hypothesis import strategies as st
 
 from faceseal.server import validation
 from faceseal.server.auth.policy import Permission, Policy, parse_policy
-from faceseal.server.config import GALLERY_NAME, MAX_DIMENSION, Config, load_config
+from faceseal.server.config import GALLERY_NAME, MAX_DIMENSION, Config, GalleryConfig, load_config
 from faceseal.server.devinit import init_dev
 from faceseal.server.errors import ConfigError, InvalidArgument
+from faceseal.server.gallery.memory import Gallery
+from faceseal.server.matching import distance
 from faceseal.v1 import faceseal_pb2 as pb
 from faceseal.v1 import faceseal_pb2_grpc as pb_grpc
 
@@ -174,13 +177,20 @@ def vectors_and_dimension(draw: st.DrawFn) -> tuple[list[float], int]:
 def test_vector_is_valid_or_invalid_argument(case: tuple[list[float], int], field_name: str) -> None:
     values, dimension = case
     as32 = _as_float32(values)
-    expected_ok = len(values) == dimension and bool(np.all(np.isfinite(as32))) and bool(np.any(as32 != 0))
+    expected_ok = (
+        len(values) == dimension
+        and bool(np.all(np.isfinite(as32)))
+        and bool(np.any(as32 != 0))
+        and validation.MIN_NORM <= math.sqrt(sum(float(v) ** 2 for v in as32)) <= validation.MAX_NORM
+    )
     out = outcome(lambda: validation.vector(values, dimension, field_name), InvalidArgument)
     if isinstance(out, InvalidArgument):
         assert not expected_ok, "a valid vector was refused"
         message = str(out)
         assert message.startswith(field_name)
-        # Only the gallery's dimension and the count may appear: no value of the vector.
+        # Only the gallery's dimension, the count and the norm bounds may appear: no value of the vector.
+        for fixed in (f"{validation.MIN_NORM:g}", f"{validation.MAX_NORM:g}", "L2"):
+            message = message.replace(fixed, "")
         assert _digits_left(message, dimension, len(values)) == "", message
         return
     assert expected_ok, "an invalid vector was accepted"
@@ -189,6 +199,66 @@ def test_vector_is_valid_or_invalid_argument(case: tuple[list[float], int], fiel
     assert np.all(np.isfinite(out))
     assert np.any(out != 0)
     assert np.array_equal(out, as32)
+
+
+SCALES = (1.0, 1.0, 1.0, 1e-30, 1e-20, 1e-12, 1e-6, 1e6, 1e12, 1e20, 1e30, 1e38)
+
+
+@st.composite
+def galleries_and_probe(draw: st.DrawFn) -> tuple[str, float, list[tuple[int, list[float]]], list[float], int]:
+    """Templates and a probe of every magnitude, some close to the probe, so there are hits."""
+    metric = draw(st.sampled_from(["euclidean", "cosine"]))
+    threshold = draw(st.sampled_from([0.3, 0.6, 1.0] if metric == "euclidean" else [0.1, 0.3, 0.5]))
+    dimension = draw(st.integers(1, 6))
+    unit = st.lists(NICE_FLOATS, min_size=dimension, max_size=dimension)
+    probe = [v * draw(st.sampled_from(SCALES)) for v in draw(unit)]
+    templates = []
+    for _ in range(draw(st.integers(1, 40))):
+        subject = draw(st.integers(0, 9))
+        if draw(st.booleans()):  # near the probe: the same direction, or the probe plus a little
+            if metric == "cosine":
+                vector = [v * draw(st.sampled_from(SCALES)) for v in probe]
+            else:
+                vector = [p + n * 0.1 for p, n in zip(probe, draw(unit), strict=True)]
+        else:
+            vector = [v * draw(st.sampled_from(SCALES)) for v in draw(unit)]
+        templates.append((subject, vector))
+    return metric, threshold, templates, probe, draw(st.integers(1, 5))
+
+
+@_settings(300)
+@given(case=galleries_and_probe())
+def test_identify_ranks_every_accepted_vector_correctly(
+    case: tuple[str, float, list[tuple[int, list[float]]], list[float], int],
+) -> None:
+    """Whatever validation lets in, Identify answers exactly what a brute-force float64 search over
+    the same templates answers: the fast float32 pre-ranking must never lose a candidate (it did,
+    for templates or probes whose float32 squares over- or underflow)."""
+    metric, threshold, templates, raw_probe, top_k = case
+    dimension = len(raw_probe)
+    config = GalleryConfig("g", dimension, metric, threshold)  # type: ignore[arg-type]
+    gallery = Gallery(config)
+    rows: dict[str, list[np.ndarray]] = {}
+    for i, (subject, values) in enumerate(templates):
+        vector = outcome(lambda values=values: validation.vector(values, dimension, "encoding"), InvalidArgument)
+        if isinstance(vector, InvalidArgument):
+            continue
+        sid = f"s{subject}"
+        gallery.add(sid, f"t{i}", vector, subject_ref=sid.encode())
+        rows.setdefault(sid, []).append(vector)
+    probe = outcome(lambda: validation.vector(raw_probe, dimension, "probe"), InvalidArgument)
+    if isinstance(probe, InvalidArgument) or not rows:
+        return
+    best = {sid: float(distance.exact(np.stack(vs), probe, metric).min()) for sid, vs in rows.items()}
+    if any(abs(d - threshold) < 1e-9 for d in best.values()):
+        return  # on the threshold to within rounding: either answer is right
+    expected = sorted((d, sid) for sid, d in best.items() if d <= threshold)[:top_k]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow inside the ranking is a lost candidate waiting to happen
+        hits = gallery.identify(probe, top_k)
+    assert [round(h.distance, 9) for h in hits] == [round(d, 9) for d, _ in expected]
+    for hit in hits:
+        assert abs(best[hit.subject_id] - hit.distance) < 1e-9
 
 
 SUBJECT_CHARS = frozenset(string.ascii_letters + string.digits + "._:@-")
@@ -462,14 +532,73 @@ def policy_document(draw: st.DrawFn) -> dict[str, Any]:
         doc["callers"] = draw(ANY_TOML)
     elif shape != 1:  # 1: no callers at all, which is an empty (deny-all) policy
         doc["callers"] = draw(st.lists(policy_entry(), max_size=5))
+    revoked = draw(st.integers(0, 9))
+    if revoked == 0:
+        doc["revoked"] = draw(ANY_TOML)
+    elif revoked <= 3:
+        doc["revoked"] = draw(
+            st.dictionaries(
+                st.sampled_from(["serials", "sha256", "serial"]),
+                st.one_of(st.lists(st.one_of(REVOKED_STRINGS, st.text(max_size=6)), max_size=4), ANY_TOML),
+                max_size=3,
+            )
+        )
     if draw(st.integers(0, 14)) == 0:
         doc[draw(st.text(max_size=8))] = draw(ANY_TOML)
     return doc
 
 
+HEX = "0123456789abcdefABCDEF"
+REVOKED_STRINGS = st.one_of(
+    st.sampled_from(["0x1A2B", "0X1a", "1a:2b:3c", "1:2b", "ab:c", "0x", "", "1a2b:", "g1", "0x1a:2b", "١٢"]),
+    st.text(alphabet=HEX + ":xX", min_size=1, max_size=70),
+    st.lists(st.text(alphabet=HEX, min_size=2, max_size=2), min_size=1, max_size=33).map(":".join),
+    st.text(alphabet=HEX, min_size=63, max_size=65),
+)
+
+
+def _is_hex(text: str) -> bool:
+    return bool(text) and all(c in HEX for c in text)
+
+
+def _serial_ok(value: str) -> bool:
+    """A serial as the policy module documents it: hex up to 20 bytes, 0x1a2b..., 1A2B... or 1a:2b:..."""
+    body = value[2:] if value[:2] in ("0x", "0X") else value
+    if ":" not in body:
+        return _is_hex(body) and len(body) <= 40
+    first, *rest = body.split(":")
+    return (
+        len(first) in (1, 2)
+        and _is_hex(first)
+        and 1 <= len(rest) <= 19
+        and all(len(p) == 2 and _is_hex(p) for p in rest)
+    )
+
+
+def _sha256_ok(value: str) -> bool:
+    """64 hex digits, plain or as AB:CD:... pairs."""
+    pairs = value.split(":")
+    return (len(value) == 64 and _is_hex(value)) or (
+        len(pairs) == 32 and all(len(p) == 2 and _is_hex(p) for p in pairs)
+    )
+
+
+def _revoked_oracle(table: Any) -> bool:
+    if not isinstance(table, dict) or set(table) - {"serials", "sha256"}:
+        return False
+    for key, ok in (("serials", _serial_ok), ("sha256", _sha256_ok)):
+        if key in table:
+            values = table[key]
+            if not isinstance(values, list) or not all(isinstance(v, str) and ok(v) for v in values):
+                return False
+    return True
+
+
 def _policy_oracle(doc: dict[str, Any]) -> bool:
     """Whether the format, as the policy module's docstring and DESIGN.md state it, accepts ``doc``."""
-    if set(doc) - {"callers"}:
+    if set(doc) - {"callers", "revoked"}:
+        return False
+    if "revoked" in doc and not _revoked_oracle(doc["revoked"]):
         return False
     entries = doc.get("callers", [])
     if not isinstance(entries, list):

@@ -80,11 +80,11 @@ class MetricsInterceptor(_Interceptor):
             # open Watch occupy one of the server's workers.
             inner_callback = handler.unary_stream
 
-            def callback_stream(request: Any, context: grpc.ServicerContext, **callback: Any) -> Any:
+            def callback_stream(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
                 m.started.labels(*labels).inc()
                 start = time.perf_counter()
                 try:
-                    result = inner_callback(request, context, **callback)
+                    result = inner_callback(request, context, *callback)
                 except BaseException:
                     finish(context, start, True)
                     raise
@@ -115,6 +115,24 @@ class MetricsInterceptor(_Interceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if kind == "client_stream":
+            inner_client = handler.stream_unary
+
+            def client_stream(requests: Any, context: grpc.ServicerContext) -> Any:
+                m.started.labels(*labels).inc()
+                start, failed = time.perf_counter(), True
+                try:
+                    response = inner_client(requests, context)
+                    failed = False
+                    return response
+                finally:
+                    finish(context, start, failed)
+
+            return grpc.stream_unary_rpc_method_handler(
+                client_stream,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 
-from faceseal.server.api.errors import abort
+from faceseal.server.api.errors import abort, code_for
 from faceseal.server.auth.interceptor import caller
 from faceseal.server.auth.policy import Permission
-from faceseal.server.core import Core
+from faceseal.server.core import Core, EnrollOutcome
 from faceseal.v1 import faceseal_pb2 as pb
 from faceseal.v1 import faceseal_pb2_grpc as pb_grpc
 
@@ -19,6 +21,7 @@ PERMISSIONS = {
     _SERVICE + "Match": Permission.MATCH,
     _SERVICE + "Identify": Permission.IDENTIFY,
     _SERVICE + "Delete": Permission.DELETE,
+    _SERVICE + "BulkEnroll": Permission.ENROLL,
 }
 
 
@@ -63,3 +66,19 @@ class FaceSealServicer(pb_grpc.FaceSealServiceServicer):
         except Exception as exc:
             abort(context, exc)
         return pb.DeleteResponse(deleted=deleted)
+
+    def BulkEnroll(
+        self, request_iterator: Iterator[pb.BulkEnrollRequest], context: grpc.ServicerContext
+    ) -> pb.BulkEnrollResponse:
+        items = ((r.gallery, r.subject_id, r.encoding, r.replace) for r in request_iterator)
+        try:
+            outcomes = self._core.bulk_enroll(caller(), items)
+        except Exception as exc:
+            abort(context, exc)
+        response = pb.BulkEnrollResponse()
+        for index, outcome in enumerate(outcomes):
+            if isinstance(outcome, EnrollOutcome):
+                response.results.add(index=index, template_id=outcome.template_id, code=0)
+            else:
+                response.results.add(index=index, code=code_for(outcome).value[0], message=str(outcome))
+        return response

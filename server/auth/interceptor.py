@@ -192,9 +192,9 @@ class AuthInterceptor(_Interceptor):
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
-            def stream(request: Any, context: grpc.ServicerContext, **callback: Any) -> Any:
+            def stream(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
                 check(context)
-                return inner_stream(request, context, **callback)  # send_response_callback, if non-blocking
+                return inner_stream(request, context, *callback)  # send_response_callback, if non-blocking
 
             for attribute in STREAM_BEHAVIOUR_ATTRIBUTES:
                 if hasattr(inner_stream, attribute):
@@ -268,5 +268,20 @@ class AuthInterceptor(_Interceptor):
                     unbind(token)
 
             return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
-        # No client-streaming methods exist yet; refuse rather than run one unauthenticated.
-        raise NotImplementedError(f"streaming requests are not wired for authentication: {method}")
+        if handler.stream_unary:
+            inner_client_stream = handler.stream_unary
+
+            def client_stream(requests: Any, context: grpc.ServicerContext) -> Any:
+                info, token = start(context)
+                try:
+                    self._authenticate(context, info, permission)
+                    return inner_client_stream(requests, context)
+                except BaseException:
+                    self._failed(None, context, info)
+                    raise
+                finally:
+                    unbind(token)
+
+            return grpc.stream_unary_rpc_method_handler(client_stream, **kwargs)
+        # No bidirectional methods exist; refuse rather than run one unauthenticated.
+        raise NotImplementedError(f"bidirectional streams are not wired for authentication: {method}")

@@ -91,6 +91,10 @@ class Store(Protocol):
         transaction. Return the subject's template count afterwards."""
         ...
 
+    def put_templates(self, rows: Sequence[tuple[TemplateRow, bool]]) -> list[int]:
+        """``put_template`` for each (row, replace_subject), in order, all in one transaction."""
+        ...
+
     def delete_subject(self, gallery: str, subject_ref: bytes) -> int:
         """Remove every row of a subject; return how many were removed."""
         ...

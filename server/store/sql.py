@@ -109,24 +109,41 @@ class SqlStore(ABC):
     # -- templates ---------------------------------------------------------------------------
 
     def put_template(self, row: TemplateRow, *, replace_subject: bool) -> int:
-        def tx(db: Tx, revision: int) -> int:
-            if replace_subject:
-                db.execute(
-                    "DELETE FROM templates WHERE gallery = ? AND subject_ref = ?", (row.gallery, row.subject_ref)
-                )
-                self._change(db, revision, "delete_subject", row.gallery, row.subject_ref)
-            db.execute(
-                "INSERT INTO templates (gallery, subject_ref, template_id, key_version, subject_blob, template_blob)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (row.gallery, row.subject_ref, row.template_id, row.key_version, row.subject_blob, row.template_blob),
-            )
-            self._change(db, revision, "put", row.gallery, row.subject_ref, row.template_id)
-            (count,) = db.execute(
-                "SELECT count(*) FROM templates WHERE gallery = ? AND subject_ref = ?", (row.gallery, row.subject_ref)
-            ).fetchone()
-            return int(count)
+        return self.put_templates([(row, replace_subject)])[0]
 
-        return self._write(tx)
+    def put_templates(self, rows: Sequence[tuple[TemplateRow, bool]]) -> list[int]:
+        counts: list[int] = []
+
+        def tx(db: Tx, revision: int) -> int:
+            for row, replace_subject in rows:
+                if replace_subject:
+                    db.execute(
+                        "DELETE FROM templates WHERE gallery = ? AND subject_ref = ?", (row.gallery, row.subject_ref)
+                    )
+                    self._change(db, revision, "delete_subject", row.gallery, row.subject_ref)
+                db.execute(
+                    "INSERT INTO templates"
+                    " (gallery, subject_ref, template_id, key_version, subject_blob, template_blob)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        row.gallery,
+                        row.subject_ref,
+                        row.template_id,
+                        row.key_version,
+                        row.subject_blob,
+                        row.template_blob,
+                    ),
+                )
+                self._change(db, revision, "put", row.gallery, row.subject_ref, row.template_id)
+                (count,) = db.execute(
+                    "SELECT count(*) FROM templates WHERE gallery = ? AND subject_ref = ?",
+                    (row.gallery, row.subject_ref),
+                ).fetchone()
+                counts.append(int(count))
+            return len(rows)
+
+        self._write(tx)
+        return counts
 
     def delete_subject(self, gallery: str, subject_ref: bytes) -> int:
         def tx(db: Tx, revision: int) -> int:

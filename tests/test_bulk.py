@@ -1,0 +1,89 @@
+"""BulkEnroll: a client stream of enrollments, validated like Enroll, committed together."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from helpers import Dev, InProcessDaemon, db_snapshot, random_encodings
+
+from faceseal.v1 import faceseal_pb2 as pb
+from faceseal.v1 import faceseal_pb2_grpc
+
+
+def item(subject: str, encoding: np.ndarray, *, gallery: str = "", replace: bool = False) -> pb.BulkEnrollRequest:
+    return pb.BulkEnrollRequest(gallery=gallery, subject_id=subject, encoding=encoding.tolist(), replace=replace)
+
+
+def stub(daemon: InProcessDaemon, profile: str) -> faceseal_pb2_grpc.FaceSealServiceStub:
+    return daemon.stub(profile)
+
+
+def test_valid_items_are_stored_and_invalid_ones_reported(daemon: InProcessDaemon, dev: Dev) -> None:
+    enc = random_encodings(4, seed=3)
+    nan = enc[3].copy()
+    nan[0] = np.nan
+    requests = [
+        item("alice", enc[0]),
+        item("bad id!", enc[1]),
+        item("bob", enc[1]),
+        item("carol", nan),
+        item("dave", enc[2], gallery="no-such-gallery"),
+        item("alice", enc[2], replace=True),  # replaces the alice enrolled two items earlier
+    ]
+    response = stub(daemon, "enroller").BulkEnroll(iter(requests))
+    codes = [(r.index, grpc.StatusCode.OK.value[0] == r.code) for r in response.results]
+    assert codes == [(0, True), (1, False), (2, True), (3, False), (4, False), (5, True)]
+    by_index = {r.index: r for r in response.results}
+    assert by_index[1].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert by_index[3].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert by_index[4].code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert all(r.template_id for r in response.results if r.code == 0)
+    for r in response.results:  # messages state the rule, never the item's values
+        assert not any(f"{v:.5f}" in r.message for v in enc.ravel())
+    with daemon.client("gateway") as gateway:
+        assert gateway.match("alice", enc[2]).match  # the replacement
+        assert not gateway.match("alice", enc[0]).match  # the first alice template is gone
+        assert gateway.match("bob", enc[1]).match
+    rows = db_snapshot(dev.db_path)["templates"]
+    assert len(rows) == 2
+
+
+def test_a_stream_that_breaks_off_stores_nothing(daemon: InProcessDaemon, dev: Dev) -> None:
+    enc = random_encodings(10, seed=4)
+    before = db_snapshot(dev.db_path)
+
+    def broken() -> Iterator[pb.BulkEnrollRequest]:
+        for i in range(5):
+            yield item(f"s{i}", enc[i])
+        raise RuntimeError("the client crashed mid-stream")
+
+    with pytest.raises(grpc.RpcError):
+        stub(daemon, "enroller").BulkEnroll(broken())
+    assert db_snapshot(dev.db_path) == before
+    # Resending the whole batch afterwards stores each item once.
+    response = stub(daemon, "enroller").BulkEnroll(item(f"s{i}", enc[i]) for i in range(10))
+    assert [r.code for r in response.results] == [0] * 10
+    assert len(db_snapshot(dev.db_path)["templates"]) == 10
+
+
+def test_bulk_enroll_needs_the_enroll_permission(daemon: InProcessDaemon, dev: Dev) -> None:
+    before = db_snapshot(dev.db_path)
+    with pytest.raises(grpc.RpcError) as err:
+        stub(daemon, "gateway").BulkEnroll(iter([item("x", random_encodings(1, seed=5)[0])]))
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert db_snapshot(dev.db_path) == before
+
+
+def test_an_oversized_batch_is_refused_whole(harness: InProcessDaemon, dev: Dev) -> None:
+    dev.set_server(max_batch=3)
+    harness.start()
+    before = db_snapshot(dev.db_path)
+    enc = random_encodings(4, seed=6)
+    with pytest.raises(grpc.RpcError) as err:
+        stub(harness, "enroller").BulkEnroll(item(f"s{i}", enc[i]) for i in range(4))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 3" in (err.value.details() or "")
+    assert db_snapshot(dev.db_path) == before
