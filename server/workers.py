@@ -1,0 +1,78 @@
+"""``server.workers = N``: N daemon processes sharing one listening port (SO_REUSEPORT).
+
+One Python process tops out near one core (the GIL), so a multi-core host runs several. The
+kernel spreads new connections across the processes; each worker unseals on its own and follows
+the store's change log exactly as a replica does, so a write made through one worker reaches the
+others within ``store.follow_interval_seconds``. The supervisor itself never unseals: it holds no
+key, only starts workers, forwards SIGTERM / SIGHUP, and restarts a worker that died.
+
+Per worker: its own audit chain (``<audit.dir>/worker-<i>``) and, when the metrics port is not
+0, its own metrics port (``port + i``), because two processes' counters cannot share a scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+log = logging.getLogger("faceseal.workers")
+
+WORKER_ENV = "FACESEAL_WORKER"
+
+
+def worker_index() -> int | None:
+    """This process's worker number, or None when it is not a worker."""
+    value = os.environ.get(WORKER_ENV)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def supervise(config_path: Path, workers: int) -> int:
+    """Run ``workers`` copies of ``faceseald serve`` until SIGTERM/SIGINT; returns the exit code."""
+    stopping = threading.Event()
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def spawn(index: int) -> None:
+        env = {**os.environ, WORKER_ENV: str(index)}
+        procs[index] = subprocess.Popen(  # our own entry point, fixed arguments
+            [sys.executable, "-m", "faceseal.server.cli", "serve", "--config", str(config_path)], env=env
+        )
+        log.info("worker started", extra={"worker": index, "pid": procs[index].pid})
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping.set()
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for index in range(workers):
+        spawn(index)
+    backoff = dict.fromkeys(procs, 0.5)
+    while not stopping.is_set():
+        for index, proc in list(procs.items()):
+            code = proc.poll()
+            if code is not None and not stopping.is_set():
+                log.error("worker exited; restarting", extra={"worker": index, "exit_code": code})
+                stopping.wait(backoff[index])
+                backoff[index] = min(30.0, backoff[index] * 2)
+                if not stopping.is_set():
+                    spawn(index)
+        stopping.wait(0.5)
+    deadline = time.monotonic() + 60
+    status = 0
+    for proc in procs.values():
+        try:
+            status |= proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            status = 1
+    return 1 if status else 0
