@@ -8,7 +8,8 @@ as a script, plays three scenarios against a daemon it starts on a temporary dev
 
   (a) a caller allowed to see distances, guard off: queries until a probe matches, for
       finite differences (``d(x + h e_i)^2 - d(x)^2 = 2h (x_i - t_i) + h^2``: dim + 1 distances
-      give the target ``t``, one more query presents it) and for a stochastic hill climb;
+      give the target ``t``, one more query presents it) and for a stochastic hill climb; then
+      finite differences again with the guard on (defaults);
   (b) the defaults (decision-only caller, guard on): a decision-only hill climber with a budget
       of queries against one subject;
   (c) the same budget spread over one subject per person of the real data set.
@@ -309,10 +310,21 @@ def spread_decision_attack(
 # ----------------------------------------------------------------------------------- the data
 
 
+class Redacted(np.ndarray):
+    """A view of encodings that never shows their values (in a traceback, a log, a test report):
+    they are biometric data. Slices and arithmetic stay redacted."""
+
+    def __repr__(self) -> str:
+        return f"<{self.shape} encoding data, redacted>"
+
+    __str__ = __repr__
+
+
 def load_encodings(path: Path = DATA_FILE) -> tuple[F32, npt.NDArray[np.str_]]:
-    """The real encodings and their person labels (biometric data: never print them)."""
+    """The real encodings (a redacted view) and their person labels."""
     with np.load(path, allow_pickle=False) as data:
-        return np.asarray(data["encodings"], dtype=np.float32), np.asarray(data["labels"])
+        encodings: F32 = np.asarray(data["encodings"], dtype=np.float32).view(Redacted)
+        return encodings, np.asarray(data["labels"])
 
 
 def one_per_person(labels: npt.NDArray[np.str_]) -> list[int]:
@@ -412,6 +424,13 @@ def _scenario_a(encodings: F32, args: argparse.Namespace) -> None:
         print(f"    finite differences: {fd.summary()}")
         hc = distance_hill_climb(Oracle(gateway, budget=args.budget), "target", random_start(rng), rng)
         print(f"    (1+1) hill climb:   {hc.summary()}")
+    budget = min(args.budget, 2000)
+    print(f"(a') distance disclosed, guard on (defaults): finite differences with {budget} queries")
+    with scratch_daemon({}, disclosure="distance") as (_, client):
+        client("enroller").enroll("target", encodings[0])
+        rng = np.random.default_rng(args.seed)
+        fd = finite_difference_attack(Oracle(client("gateway"), budget=budget), "target", random_start(rng))
+        print(f"    {fd.summary()}")
 
 
 def _scenario_b(encodings: F32, args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@
 """
 
 from faceseal.client._admin import AdminClient, GalleryStatus, KeyVersion, RewrapProgress, Status
-from faceseal.client._client import Candidate, EnrollResult, FaceSealClient, MatchResult
+from faceseal.client._client import BulkResult, Candidate, EnrollResult, FaceSealClient, MatchResult
 from faceseal.client._encodings import EncodingLike, load_encoding
 from faceseal.client._errors import (
     DataLossError,
@@ -30,6 +30,7 @@ from faceseal.client._errors import (
 
 __all__ = [
     "AdminClient",
+    "BulkResult",
     "Candidate",
     "DataLossError",
     "DeadlineExceededError",

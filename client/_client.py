@@ -7,6 +7,7 @@ that offered one would only teach people to look for it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -17,7 +18,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from faceseal.client._encodings import EncodingLike, as_floats
-from faceseal.client._errors import from_rpc_error
+from faceseal.client._errors import FaceSealClientError, from_rpc_error
 from faceseal.v1 import faceseal_pb2, faceseal_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -34,6 +35,26 @@ class EnrollResult:
     subject_id: str
     template_id: str
     template_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    """The outcome of one item of :meth:`FaceSealClient.bulk_enroll`.
+
+    ``code`` is ``grpc.StatusCode.OK`` and ``template_id`` set when the item was stored; otherwise
+    ``template_id`` is None and ``code`` / ``message`` say why it was refused (the message is the
+    daemon's, which never echoes the encoding).
+    """
+
+    index: int
+    subject_id: str
+    template_id: str | None
+    code: grpc.StatusCode
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.code is grpc.StatusCode.OK
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +198,60 @@ class FaceSealClient(Connection):
         response = self._call(self._stub.Enroll, request, timeout)
         return EnrollResult(response.subject_id, response.template_id, response.template_count)
 
+    def bulk_enroll(
+        self,
+        items: Iterable[tuple[str, EncodingLike]],
+        *,
+        gallery: str = "",
+        replace: bool = False,
+        timeout: float | None = None,
+    ) -> list[BulkResult]:
+        """Enroll ``(subject_id, encoding)`` pairs over one BulkEnroll stream; one result per item, in order.
+
+        The daemon checks every item like :meth:`enroll` and stores all the valid ones in one
+        transaction once the stream ends: an item it refuses comes back with its code (e.g.
+        ``INVALID_ARGUMENT``) and the others are stored all the same. A call that fails as a whole
+        (an exception here: no permission, sealed, more items than the daemon's ``max_batch``, a
+        deadline, or ``items`` raising while it is read) stored nothing, so sending the same items
+        again is safe. ``items`` is read lazily, once; ``timeout`` bounds the whole stream.
+        """
+        subjects: list[str] = []
+        failure: list[BaseException] = []
+
+        def requests() -> Iterator[faceseal_pb2.BulkEnrollRequest]:
+            # gRPC reads this iterator on a thread of its own and only cancels the call if it
+            # raises; keep the exception, so the caller sees it rather than a bare CANCELLED.
+            try:
+                for subject_id, encoding in items:
+                    request = faceseal_pb2.BulkEnrollRequest(
+                        gallery=gallery, subject_id=subject_id, encoding=as_floats(encoding), replace=replace
+                    )
+                    subjects.append(subject_id)
+                    yield request
+            except Exception as exc:
+                failure.append(exc)
+                raise
+
+        try:
+            response = self._stub.BulkEnroll(requests(), timeout=self._timeout if timeout is None else timeout)
+        except grpc.RpcError as err:
+            if failure:
+                raise failure[0] from None
+            raise from_rpc_error(err) from None
+        if len(response.results) != len(subjects):
+            raise FaceSealClientError(
+                grpc.StatusCode.INTERNAL,
+                f"the daemon answered {len(response.results)} results for {len(subjects)} items",
+            )
+        results = []
+        for position, r in enumerate(response.results):
+            code = _STATUS_CODES.get(r.code, grpc.StatusCode.UNKNOWN)
+            if r.index != position:
+                raise FaceSealClientError(grpc.StatusCode.INTERNAL, "the daemon answered results out of order")
+            template_id = r.template_id if code is grpc.StatusCode.OK and r.template_id else None
+            results.append(BulkResult(position, subjects[position], template_id, code, r.message))
+        return results
+
     def match(
         self, subject_id: str, probe: EncodingLike, *, gallery: str = "", timeout: float | None = None
     ) -> MatchResult:
@@ -198,6 +273,9 @@ class FaceSealClient(Connection):
         """Return how many templates were removed."""
         request = faceseal_pb2.DeleteRequest(gallery=gallery, subject_id=subject_id)
         return self._call(self._stub.Delete, request, timeout).deleted
+
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _f32(value: float) -> float:

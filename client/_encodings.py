@@ -72,4 +72,5 @@ def as_floats(encoding: EncodingLike) -> list[float]:
     values = np.asarray(encoding, dtype=np.float64)
     if values.ndim != 1:
         raise ValueError(f"an encoding must be 1-D, got shape {values.shape}")
-    return [float(x) for x in values]
+    floats: list[float] = values.tolist()  # Python floats, as the loop ``[float(x) ...]`` would give
+    return floats

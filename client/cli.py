@@ -7,6 +7,10 @@ With ``--json`` stdout carries exactly one JSON object, errors included, so scri
 
 ``faceseal admin status|rotate|rewrap|retire VERSION`` drives key rotation (use ``--profile admin``);
 ``rewrap`` draws a progress bar on stderr when stderr is a terminal.
+
+``faceseal import FILE`` enrolls a whole file in BulkEnroll batches (see ``_import.py``), with a
+progress bar on a terminal; it exits 1 if any item was refused, and 130 (SIGINT) or 143 (SIGTERM)
+when stopped between batches, with its progress in the state file so the same command resumes.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +31,15 @@ from faceseal.client._admin import AdminClient, RewrapProgress
 from faceseal.client._client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Connection, FaceSealClient
 from faceseal.client._encodings import load_encoding
 from faceseal.client._errors import FaceSealClientError
+from faceseal.client._import import (
+    DEFAULT_BATCH,
+    STATE_SUFFIX,
+    Rate,
+    default_state_path,
+    read_import_file,
+    resume_state,
+    run_import,
+)
 
 _Number = TypeVar("_Number", int, float)
 JsonValue = str | int | float | bool | None | list["JsonValue"] | dict[str, "JsonValue"]
@@ -84,6 +98,90 @@ def _health(client: FaceSealClient, args: argparse.Namespace) -> _Output:
     return _Output({"status": status}, status, 0 if status == "SERVING" else 1)
 
 
+_SHOWN_REFUSALS = 20  # refused items listed in the human output; --json lists them all
+
+
+def _import(client: FaceSealClient, args: argparse.Namespace) -> _Output:
+    source = read_import_file(args.file, args.ids)
+    state_path: Path = args.state or default_state_path(args.file)
+    state, start = resume_state(
+        source, state_path, gallery=args.gallery, replace=args.replace, batch=args.batch, restart=args.restart
+    )
+    bar = _ProgressBar(sys.stderr) if sys.stderr.isatty() and start < state.total else None
+    rate = Rate(start)
+
+    def progress(done: int, total: int, refused: int) -> None:
+        if bar is not None:
+            bar.draw(done, total, f"items, {refused} refused, {rate.per_second(done):,.0f} items/s")
+
+    def stopped_at() -> str:
+        return (
+            f"(stopped at item {state.done} of {state.total}; {state_path} records the progress: "
+            "rerun the same command to resume)"
+        )
+
+    try:
+        report = run_import(
+            client,
+            source,
+            state,
+            state_path,
+            start=start,
+            batch=args.batch,
+            timeout=args.timeout,
+            progress=progress,
+            stop_after_batches=args.stop_after_batches,
+        )
+    except FaceSealClientError as err:
+        raise FaceSealClientError(err.code, f"{err.message} {stopped_at()}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C: the batch in flight may or may not have been stored
+        raise FaceSealClientError(grpc.StatusCode.CANCELLED, f"interrupted {stopped_at()}") from None
+    finally:
+        if bar is not None:
+            bar.finish()
+    counts = report.refusal_counts()
+    data: dict[str, JsonValue] = {
+        "file": str(args.file),
+        "state_file": str(state_path),
+        "total": report.total,
+        "done": report.done,
+        "imported": report.imported,
+        "refused": len(report.refused),
+        "codes": dict(counts),
+        "refused_items": [{"index": i, "code": c, "message": m} for i, c, m in report.refused],
+        "resumed_from": report.resumed_from,
+        "complete": report.complete,
+        "stopped_by": report.stopped_by,
+    }
+    summary = f"imported {report.imported}, refused {len(report.refused)}"
+    if counts:
+        summary += " (" + ", ".join(f"{code}: {n}" for code, n in counts.items()) + ")"
+    lines = []
+    if report.stopped_by is not None:
+        lines.append(
+            f"stopped by {report.stopped_by} after {report.done} of {report.total} items: {summary}; "
+            f"{state_path} records the progress: rerun the same command to resume"
+        )
+    elif start == report.total and report.total > 0:
+        lines.append(
+            f"nothing left to import: {state_path} says all {report.total} items were sent ({summary}); "
+            "--restart imports the file again"
+        )
+    else:
+        lines.append(summary + f" of {_plural(report.total, 'item')}")
+        if report.resumed_from:
+            lines.append(f"resumed at item {report.resumed_from} ({state_path})")
+    for index, code, message in report.refused[:_SHOWN_REFUSALS]:
+        lines.append(f"  item {index}: {code}: {message}")
+    if len(report.refused) > _SHOWN_REFUSALS:
+        lines.append(f"  ... and {len(report.refused) - _SHOWN_REFUSALS} more (--json lists every one)")
+    if report.stopped_by is not None:
+        exit_code = 128 + (signal.SIGTERM if report.stopped_by == "SIGTERM" else signal.SIGINT)
+    else:
+        exit_code = 1 if report.refused else 0
+    return _Output(data, "\n".join(lines), exit_code)
+
+
 def _admin_status(client: AdminClient, args: argparse.Namespace) -> _Output:
     status = client.status()
     data: dict[str, JsonValue] = {
@@ -116,20 +214,26 @@ def _admin_rotate(client: AdminClient, args: argparse.Namespace) -> _Output:
 
 
 class _ProgressBar:
-    """``[#####.....] 256/1000``, redrawn in place after a carriage return; on a terminal only."""
+    """``[#####.....] 256/1000 ...``, redrawn in place after a carriage return; on a terminal only."""
 
     WIDTH = 30
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._drawn = False
+        self._length = 0
+
+    def draw(self, done: int, total: int, note: str) -> None:
+        filled = self.WIDTH if total == 0 else self.WIDTH * done // total
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        line = f"[{bar}] {done}/{total} {note}"
+        self._stream.write("\r" + line.ljust(self._length))  # blank out the rest of a longer line
+        self._stream.flush()
+        self._length = len(line)
+        self._drawn = True
 
     def update(self, p: RewrapProgress) -> None:
-        filled = self.WIDTH if p.total == 0 else self.WIDTH * p.done // p.total
-        bar = "#" * filled + "." * (self.WIDTH - filled)
-        self._stream.write(f"\r[{bar}] {p.done}/{p.total} re-sealed under key version {p.target_version}")
-        self._stream.flush()
-        self._drawn = True
+        self.draw(p.done, p.total, f"re-sealed under key version {p.target_version}")
 
     def finish(self) -> None:
         if self._drawn:
@@ -241,6 +345,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("probe_file", type=Path, help=".npy or .json")
     sub.add_argument("--top-k", type=_positive(int), default=5, help="most candidates wanted (default 5)")
     gallery(sub)
+
+    sub = command("import", _import, "enroll every encoding of a file, in BulkEnroll batches; resumable")
+    sub.add_argument("file", type=Path, help=".npz (encodings + ids or labels), .npy (with --ids) or .jsonl")
+    gallery(sub)
+    sub.add_argument(
+        "--batch",
+        type=_positive(int),
+        default=DEFAULT_BATCH,
+        help=f"items per BulkEnroll stream, each stored all or nothing (default {DEFAULT_BATCH})",
+    )
+    sub.add_argument("--ids", type=Path, help="with a .npy file: a text file of subject ids, one per line")
+    sub.add_argument("--replace", action="store_true", help="each item replaces its subject's earlier templates")
+    sub.add_argument("--state", type=Path, help=f"progress file (default FILE{STATE_SUFFIX})")
+    sub.add_argument("--restart", action="store_true", help="ignore the progress file and import from the first item")
+    sub.add_argument("--stop-after-batches", type=_positive(int), help=argparse.SUPPRESS)  # tests: a clean interruption
 
     sub = command("delete", _delete, "remove every template of a subject")
     sub.add_argument("subject_id")

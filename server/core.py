@@ -13,7 +13,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from faceseal.server import validation
@@ -111,7 +111,7 @@ class _Pending:
 class _Unsealed:
     barrier: Barrier
     galleries: dict[str, Gallery]
-    audit_key: bytes
+    audit_key: bytes = field(repr=False)
 
 
 class Core:
@@ -158,7 +158,7 @@ class Core:
         for listener in self._listeners:
             listener(False)
 
-    def unseal_until(self, stop: threading.Event, max_backoff: float = 30.0) -> None:
+    def unseal_until(self, stop: threading.Event, max_backoff: float = 5.0) -> None:
         """Retry ``unseal`` with exponential backoff until it works or ``stop`` is set."""
         delay = 0.5
         while not stop.is_set():

@@ -8,7 +8,8 @@ for the test, and the ``dev`` fixture writes that KEK's [seal] table into its fa
 * ``pkcs11``: a new non-extractable AES-256 key in the session's SoftHSM2 token
   (``SoftHsmToken.new_kek``). ``SOFTHSM2_CONF`` is set in this process's environment for the
   test (monkeypatch), which is what a child process (``faceseald serve``, ``seal migrate``)
-  needs to find the token: ``SealSetup.env`` is that environment, for an explicit ``env=``.
+  needs to find the token: ``SubprocessDaemon`` passes its environment on, and
+  ``SealSetup.env`` names the variable for a child started with an explicit ``env=``.
 * ``transit``: a new aes256-gcm96 key (not exportable, no plaintext backup) on one OpenBao dev
   server shared by the session, with its own policy and token (file 0600 in the test's tmp
   dir). Sharing the server keeps the parametrised suite fast (a server per test costs ~1 s).
@@ -26,14 +27,13 @@ import importlib
 import itertools
 import os
 import subprocess
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from helpers import Dev, dump_toml, write_atomically
+from helpers import FACESEALD, Dev, dump_toml, write_atomically
 
 if TYPE_CHECKING:
     from pkcs11.types import Session
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 SEAL_KINDS = ("file", "pkcs11", "transit")
 # Module level: ``pytestmark = EACH_SEAL`` runs every test of the module once per seal.
 EACH_SEAL = pytest.mark.parametrize("seal_kind", SEAL_KINDS, indirect=True)
-FACESEALD = Path(sys.executable).parent / "faceseald"
 
 _transit_keys = itertools.count(1)
 
@@ -76,10 +75,6 @@ class SealSetup:
     key_label: str = ""
     bao: OpenBao | None = None
     key_name: str = ""
-
-    def child_env(self) -> dict[str, str]:
-        """The environment for ``faceseald`` children: this process's, plus what the seal needs."""
-        return {**os.environ, **self.env}
 
 
 # ---------------------------------------------------------------------------------- [seal] tables
@@ -185,7 +180,7 @@ def seal_toml(path: Path, table: dict[str, Any]) -> Path:
 
 def seal_migrate(config: Path, target: Path, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
     """``faceseald seal migrate --config C --to T`` as a child process with exactly ``env``
-    (``SealSetup.child_env()``, or os.environ plus SOFTHSM2_CONF for a PKCS#11 target)."""
+    (os.environ plus SOFTHSM2_CONF for a PKCS#11 seal on either side)."""
     assert FACESEALD.is_file(), f"{FACESEALD} is missing: is the package installed in this venv?"
     return subprocess.run(
         [str(FACESEALD), "seal", "migrate", "--config", str(config), "--to", str(target)],

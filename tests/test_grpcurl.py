@@ -44,16 +44,22 @@ def grpcurl() -> str:
 
 
 def run(
-    grpcurl: str, daemon: InProcessDaemon, *args: str, profile: str | None = "gateway", data: object = None
+    grpcurl: str,
+    daemon: InProcessDaemon,
+    *args: str,
+    profile: str | None = "gateway",
+    data: object = None,
+    flags: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """grpcurl with the dev CA and ``profile``'s client certificate (None: no client certificate)."""
+    """``grpcurl [flags] TARGET args...`` with the dev CA and ``profile``'s client certificate
+    (None: no client certificate) and ``data`` as the JSON request body."""
     tls = ["-cacert", str(daemon.dev.dir / "ca.crt")]
     if profile is not None:
         clients = daemon.dev.dir / "clients"
         tls += ["-cert", str(clients / f"{profile}.crt"), "-key", str(clients / f"{profile}.key")]
     body = ["-d", json.dumps(data)] if data is not None else []
     return subprocess.run(
-        [grpcurl, *tls, "-max-time", "20", *body, daemon.target, *args],
+        [grpcurl, *tls, "-max-time", "20", *flags, *body, daemon.target, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -102,8 +108,8 @@ def test_match_through_reflection(grpcurl: str, daemon: InProcessDaemon) -> None
     result = run(
         grpcurl,
         daemon,
-        "-emit-defaults",
         "faceseal.v1.FaceSealService/Match",
+        flags=("-emit-defaults",),
         data={"subject_id": "alice", "probe": [float(x) for x in bob]},
     )
     assert json.loads(ok(result)) == {"match": False}

@@ -9,7 +9,9 @@
   control that shows the check can fail.
 * Where memory may not be locked (not root, small RLIMIT_MEMLOCK), the daemon warns and goes
   on: a child drops to a non-root effective uid (which clears its capabilities), lowers the
-  limit, runs ``hygiene.apply()`` and reports what the kernel says.
+  limit, runs ``hygiene.apply()`` and reports what the kernel says. What decides is
+  CAP_IPC_LOCK, not the uid: root without it does not lock under a finite limit, an
+  unprivileged user with it does (children shaped with setpriv; root only).
 * Key material stays out of reprs: nothing reachable from a running, unsealed daemon shows a key
   in its repr, on each seal.
 """
@@ -153,7 +155,6 @@ def test_proc_owner_check_can_fail() -> None:
     try:
         poll("the child to exec", lambda: "python" in Path(f"/proc/{proc.pid}/cmdline").read_text() or None)
         assert not _not_dumpable_by_proc_owner(proc.pid)
-        assert _core_limit(proc.pid) != ("0", "0") or os.environ.get("CI")  # usually unlimited
     finally:
         assert proc.stdin is not None
         proc.stdin.close()

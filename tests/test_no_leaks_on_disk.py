@@ -101,6 +101,18 @@ def test_nothing_in_clear_on_disk_or_in_logs(subprocess_daemon: SubprocessDaemon
         assert enroller.delete(SUBJECTS[4]) == 1
         assert enroller.enroll(SUBJECTS[5], chosen[0], replace=True).template_count == 1
 
+        # The child got what its seal needs (SOFTHSM2_CONF) and no secret through its environment.
+        # Root may read it; anyone else is kept out by the daemon being not dumpable.
+        try:
+            environ = Path(f"/proc/{subprocess_daemon.pid}/environ").read_bytes()
+        except PermissionError:
+            environ = None
+        if environ is not None:
+            variables = dict(v.partition(b"=")[::2] for v in environ.split(b"\0") if v)
+            for name, value in seal_setup.env.items():
+                assert variables.get(name.encode()) == value.encode(), name
+            assert _leaks({"environment": environ}, _needles(secrets, chosen[:0])) == []
+
         # While running, the -wal file holds every recent write: take it now, search it below
         # (once the data keys are known).
         written = sorted(p for p in dev.data_dir.rglob("*") if p.is_file())

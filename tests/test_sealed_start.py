@@ -31,7 +31,6 @@ from faceseal.server.config import load_config
 from faceseal.server.core import Core
 from faceseal.server.daemon import Daemon
 from faceseal.server.seal.base import SealUnreachable
-from faceseal.server.seal.pkcs11 import create_kek
 from faceseal.v1 import faceseal_pb2 as pb
 
 try:
@@ -206,6 +205,8 @@ def test_pkcs11_key_created_after_start_then_serves_without_restart(
     pid = sealed_daemon.pid
     assert_sealed(sealed_daemon)
     assert any("no secret key with this label" in r["reason"] for r in retries(sealed_daemon.log()))
+
+    from faceseal.server.seal.pkcs11 import create_kek
 
     started = time.monotonic()
     create_kek(token.module, token.token_label, label, token.pin)  # the HSM admin's step

@@ -1,0 +1,214 @@
+"""Identify (1:N) over N random float32 encodings: ours against raw numpy on the same data and
+against the memory-bandwidth floor, single queries and a batch of queries, in the same run.
+
+* ours, in-process: ``faceseal.server.gallery.memory.Gallery.identify`` on a gallery holding the
+  N rows (filled with ``Gallery.add``, as unseal does), one call per query;
+* ours, through the daemon: Identify over gRPC + mutual TLS to ``faceseald serve``, on a smaller
+  gallery (``--daemon-n``, enrolled with BulkEnroll: a million would take the import minutes);
+* raw numpy on an identical matrix: ``sq_norms - 2 * (M @ p)`` and ``argpartition`` for one
+  query, ``M @ P.T`` and ``argpartition`` along the rows for a batch;
+* the floor: the matrix's bytes divided by a streaming-read bandwidth measured here (the best of
+  ``np.sum`` on one and on two threads and a copy): no exact 1:N search can read less.
+
+    .venv/bin/python bench/identify.py                       # N = 1,000,000, 512-d and 128-d
+    .venv/bin/python bench/identify.py --n 100000 --dims 128 # a quick run
+
+Random unit vectors are ~1.41 apart, beyond the 0.6 threshold, so each probe is a noisy copy of
+one enrolled row (one genuine candidate), as a real search would be. Medians of repeated runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+from import_rate import ScratchDaemon, ids_for, random_unit, scratch_daemon  # bench/ is sys.path[0]
+
+from faceseal.server.config import GalleryConfig
+from faceseal.server.gallery.memory import Gallery
+
+F32 = npt.NDArray[np.float32]
+TOP_K = 5
+
+
+def median_seconds(run: Callable[[], object], *, min_runs: int = 3, max_runs: int = 15, budget: float = 10.0) -> float:
+    """Median wall time of ``run`` after one warm-up call: at least ``min_runs``, then until the
+    budget is spent or ``max_runs``."""
+    run()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (len(times) < max_runs and time.perf_counter() - start < budget):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def read_bandwidth(nbytes: int = 1 << 30) -> tuple[float, dict[str, float]]:
+    """Streaming-read bandwidth in bytes/s: the best of several ways of touching every byte once."""
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    half = len(a) // 2
+    out = np.empty_like(a)
+
+    def two_threads() -> None:
+        threads = [threading.Thread(target=np.sum, args=(part,)) for part in (a[:half], a[half:])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    ways = {
+        "np.sum, 1 thread": (lambda: np.sum(a), nbytes),
+        "np.sum, 2 threads": (two_threads, nbytes),
+        "copy (read + write)": (lambda: np.copyto(out, a), 2 * nbytes),
+    }
+    rates = {name: moved / median_seconds(fn, min_runs=5, budget=5.0) for name, (fn, moved) in ways.items()}
+    return max(rates.values()), rates
+
+
+def blas_info() -> str:
+    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS") if k in os.environ}
+    try:
+        from threadpoolctl import threadpool_info  # optional: not a dependency of the project
+    except ImportError:
+        pools = "threadpoolctl not installed"
+    else:
+        pools = "; ".join(
+            f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')} x{p.get('num_threads')}"
+            for p in threadpool_info()
+        )
+    return f"numpy {np.__version__}; BLAS: {pools}; env: {env or 'no OPENBLAS_* set'}"
+
+
+def probes_near(matrix: F32, count: int, seed: int) -> tuple[F32, npt.NDArray[np.intp]]:
+    """``count`` probes, each a copy of a random row moved 0.3 away (within the 0.6 threshold)."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, matrix.shape[0], count)
+    step = rng.standard_normal((count, matrix.shape[1])).astype(np.float32)
+    step *= 0.3 / np.linalg.norm(step, axis=1, keepdims=True)
+    probes: F32 = (matrix[rows] + step).astype(np.float32)
+    return probes, rows
+
+
+def fill_gallery(matrix: F32, dim: int) -> tuple[Gallery, float]:
+    gallery = Gallery(GalleryConfig(f"d{dim}", dim, "euclidean", 0.6))
+    ref = b"\0" * 32
+    start = time.perf_counter()
+    for i in range(matrix.shape[0]):
+        gallery.add(f"s{i:08d}", f"t{i:08d}", matrix[i], subject_ref=ref + i.to_bytes(8, "big"))
+    return gallery, time.perf_counter() - start
+
+
+def numpy_single(matrix: F32, sq_norms: F32, probe: F32) -> npt.NDArray[np.intp]:
+    scores = sq_norms - 2.0 * (matrix @ probe)
+    return np.argpartition(scores, TOP_K)[:TOP_K]
+
+
+def numpy_batch(matrix: F32, sq_norms: F32, probes: F32) -> npt.NDArray[np.intp]:
+    scores = sq_norms[:, None] - 2.0 * (matrix @ probes.T)
+    return np.argpartition(scores, TOP_K, axis=0)[:TOP_K]
+
+
+def bench_in_process(n: int, dim: int, batch: int, bandwidth: float) -> None:
+    matrix = random_unit(n, dim, seed=dim)
+    sq_norms = np.einsum("ij,ij->i", matrix, matrix).astype(np.float32)
+    gallery, fill = fill_gallery(matrix, dim)
+    probes, rows = probes_near(matrix, batch, seed=1)
+    expected = f"s{rows[0]:08d}"
+    hits = gallery.identify(probes[0], TOP_K)
+    assert [h.subject_id for h in hits] == [expected], "Gallery.identify missed the genuine subject"
+    assert rows[0] in numpy_single(matrix, sq_norms, probes[0]), "numpy missed the genuine row"
+
+    counter = iter(range(10**9))
+    ours_1 = median_seconds(lambda: gallery.identify(probes[next(counter) % batch], TOP_K))
+    raw_1 = median_seconds(lambda: numpy_single(matrix, sq_norms, probes[next(counter) % batch]))
+    ours_b = median_seconds(lambda: [gallery.identify(p, TOP_K) for p in probes], min_runs=1, max_runs=3)
+    raw_b = median_seconds(lambda: numpy_batch(matrix, sq_norms, probes), min_runs=1, max_runs=3)
+    floor_1 = matrix.nbytes / bandwidth
+    print(
+        f"\n{n:,} x {dim}-d in-process ({matrix.nbytes / 2**30:.2f} GiB; Gallery.add of all rows took {fill:.1f} s):\n"
+        f"  single query   ours Gallery.identify {ours_1 * 1e3:9.1f} ms   numpy {raw_1 * 1e3:9.1f} ms   "
+        f"floor {floor_1 * 1e3:8.1f} ms   ours/numpy {ours_1 / raw_1:5.2f}x   ours/floor {ours_1 / floor_1:5.2f}x\n"
+        f"  batch of {batch:<4}  ours {ours_b / batch * 1e3:9.2f} ms/query (one call each)   numpy "
+        f"{raw_b / batch * 1e3:7.2f} ms/query (one M @ P.T)   floor {floor_1 / batch * 1e3:7.2f} ms/query   "
+        f"ours/numpy {ours_b / raw_b:5.1f}x   ours/floor {ours_b / floor_1:5.1f}x",
+        flush=True,
+    )
+
+
+def bench_daemon(daemon: ScratchDaemon, n: int, dim: int, batch: int, bandwidth: float) -> None:
+    matrix = random_unit(n, dim, seed=1000 + dim)
+    ids = ids_for("s", n)
+    gallery = f"d{dim}"
+    start = time.perf_counter()
+    with daemon.client("enroller") as enroller:
+        for first in range(0, n, 1000):
+            results = enroller.bulk_enroll(
+                zip(ids[first : first + 1000], matrix[first : first + 1000], strict=True), gallery=gallery
+            )
+            assert all(r.ok for r in results), "an item was refused"
+    enroll_s = time.perf_counter() - start
+    sq_norms = np.einsum("ij,ij->i", matrix, matrix).astype(np.float32)
+    local, _ = fill_gallery(matrix, dim)
+    probes, rows = probes_near(matrix, batch, seed=2)
+    with daemon.client("gateway") as gateway:
+        got = gateway.identify(probes[0], top_k=TOP_K, gallery=gallery)
+        assert [c.subject_id for c in got] == [ids[rows[0]]], "the daemon missed the genuine subject"
+        counter = iter(range(10**9))
+        ours_rpc = median_seconds(
+            lambda: gateway.identify(probes[next(counter) % batch], top_k=TOP_K, gallery=gallery), budget=5.0
+        )
+        ours_rpc_b = median_seconds(
+            lambda: [gateway.identify(p, top_k=TOP_K, gallery=gallery) for p in probes], min_runs=1, max_runs=3
+        )
+    ours_local = median_seconds(lambda: local.identify(probes[next(counter) % batch], TOP_K), budget=5.0)
+    raw_1 = median_seconds(lambda: numpy_single(matrix, sq_norms, probes[next(counter) % batch]), budget=5.0)
+    raw_b = median_seconds(lambda: numpy_batch(matrix, sq_norms, probes), min_runs=1, max_runs=3)
+    floor_1 = matrix.nbytes / bandwidth
+    print(
+        f"\n{n:,} x {dim}-d through the daemon ({matrix.nbytes / 2**20:.1f} MiB; enrolled by BulkEnroll in "
+        f"{enroll_s:.1f} s):\n"
+        f"  single query   ours Identify RPC {ours_rpc * 1e3:8.2f} ms   ours in-process {ours_local * 1e3:8.2f} ms   "
+        f"numpy {raw_1 * 1e3:8.2f} ms   floor {floor_1 * 1e3:7.3f} ms   "
+        f"RPC/numpy {ours_rpc / raw_1:5.1f}x   in-process/numpy {ours_local / raw_1:5.2f}x\n"
+        f"  batch of {batch:<4}  ours Identify RPC {ours_rpc_b / batch * 1e3:8.2f} ms/query   numpy "
+        f"{raw_b / batch * 1e3:8.3f} ms/query   RPC/numpy {ours_rpc_b / raw_b:5.1f}x",
+        flush=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1_000_000, help="gallery size in-process (default 1,000,000)")
+    parser.add_argument("--dims", type=int, nargs="+", default=[512, 128], help="dimensions (default 512 128)")
+    parser.add_argument("--batch", type=int, default=64, help="queries in a batch (default 64)")
+    parser.add_argument(
+        "--daemon-n", type=int, default=20_000, help="gallery size through the daemon (default 20,000; 0 skips)"
+    )
+    args = parser.parse_args(argv)
+
+    print(f"Identify, top_k={TOP_K}; {os.cpu_count()} CPUs; {blas_info()}")
+    bandwidth, ways = read_bandwidth()
+    print(
+        "streaming read bandwidth: "
+        + ", ".join(f"{name} {rate / 1e9:.1f} GB/s" for name, rate in ways.items())
+        + f"; floor uses {bandwidth / 1e9:.1f} GB/s"
+    )
+    for dim in args.dims:
+        bench_in_process(args.n, dim, args.batch, bandwidth)
+    if args.daemon_n > 0:
+        with scratch_daemon(args.dims) as daemon:
+            for dim in args.dims:
+                bench_daemon(daemon, args.daemon_n, dim, args.batch, bandwidth)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
