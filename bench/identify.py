@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
-from import_rate import ScratchDaemon, ids_for, random_unit, scratch_daemon  # bench/ is sys.path[0]
+from import_rate import ScratchDaemon, ids_for, load, random_unit, scratch_daemon  # bench/ is sys.path[0]
 
 from faceseal.server.config import GalleryConfig
 from faceseal.server.gallery.memory import Gallery
@@ -38,21 +38,29 @@ F32 = npt.NDArray[np.float32]
 TOP_K = 5
 
 
-def median_seconds(run: Callable[[], object], *, min_runs: int = 3, max_runs: int = 15, budget: float = 10.0) -> float:
-    """Median wall time of ``run`` after one warm-up call: at least ``min_runs``, then until the
-    budget is spent or ``max_runs``."""
-    run()
-    times: list[float] = []
+def interleaved(
+    fns: dict[str, Callable[[], object]], *, min_runs: int = 5, max_runs: int = 25, budget: float = 15.0
+) -> dict[str, tuple[float, float]]:
+    """(median, best) wall time of each function, run in turns (a, b, a, b, ...) after one warm-up
+    call each, so a change of load on the machine hits all of them alike: at least ``min_runs``
+    turns, then more until ``budget`` seconds have passed or ``max_runs``."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
-    while len(times) < min_runs or (len(times) < max_runs and time.perf_counter() - start < budget):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    while True:
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+        runs = len(times[next(iter(fns))])
+        if runs >= max_runs or (runs >= min_runs and time.perf_counter() - start > budget):
+            return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
 
 
 def read_bandwidth(nbytes: int = 1 << 30) -> tuple[float, dict[str, float]]:
-    """Streaming-read bandwidth in bytes/s: the best of several ways of touching every byte once."""
+    """Streaming-read bandwidth in bytes/s: the best of the ways that only read (np.sum on one
+    thread, on two threads over halves); a copy's read + write rate is shown for comparison."""
     a = np.ones(nbytes // 4, dtype=np.float32)
     half = len(a) // 2
     out = np.empty_like(a)
@@ -64,13 +72,13 @@ def read_bandwidth(nbytes: int = 1 << 30) -> tuple[float, dict[str, float]]:
         for t in threads:
             t.join()
 
-    ways = {
-        "np.sum, 1 thread": (lambda: np.sum(a), nbytes),
-        "np.sum, 2 threads": (two_threads, nbytes),
-        "copy (read + write)": (lambda: np.copyto(out, a), 2 * nbytes),
-    }
-    rates = {name: moved / median_seconds(fn, min_runs=5, budget=5.0) for name, (fn, moved) in ways.items()}
-    return max(rates.values()), rates
+    timed = interleaved(
+        {"np.sum, 1 thread": lambda: np.sum(a), "np.sum, 2 threads": two_threads, "copy": lambda: np.copyto(out, a)},
+        budget=5.0,
+    )
+    rates = {name: nbytes / best for name, (_, best) in timed.items()}
+    rates["copy"] *= 2  # it reads and writes every byte
+    return max(rates["np.sum, 1 thread"], rates["np.sum, 2 threads"]), rates
 
 
 def blas_info() -> str:
@@ -116,29 +124,47 @@ def numpy_batch(matrix: F32, sq_norms: F32, probes: F32) -> npt.NDArray[np.intp]
     return np.argpartition(scores, TOP_K, axis=0)[:TOP_K]
 
 
+def ms(seconds: tuple[float, float], per: int = 1) -> str:
+    median, best = seconds
+    return f"{median / per * 1e3:8.2f} ms (best {best / per * 1e3:7.2f})"
+
+
 def bench_in_process(n: int, dim: int, batch: int, bandwidth: float) -> None:
     matrix = random_unit(n, dim, seed=dim)
     sq_norms = np.einsum("ij,ij->i", matrix, matrix).astype(np.float32)
     gallery, fill = fill_gallery(matrix, dim)
     probes, rows = probes_near(matrix, batch, seed=1)
-    expected = f"s{rows[0]:08d}"
     hits = gallery.identify(probes[0], TOP_K)
-    assert [h.subject_id for h in hits] == [expected], "Gallery.identify missed the genuine subject"
+    assert [h.subject_id for h in hits] == [f"s{rows[0]:08d}"], "Gallery.identify missed the genuine subject"
     assert rows[0] in numpy_single(matrix, sq_norms, probes[0]), "numpy missed the genuine row"
 
-    counter = iter(range(10**9))
-    ours_1 = median_seconds(lambda: gallery.identify(probes[next(counter) % batch], TOP_K))
-    raw_1 = median_seconds(lambda: numpy_single(matrix, sq_norms, probes[next(counter) % batch]))
-    ours_b = median_seconds(lambda: [gallery.identify(p, TOP_K) for p in probes], min_runs=1, max_runs=3)
-    raw_b = median_seconds(lambda: numpy_batch(matrix, sq_norms, probes), min_runs=1, max_runs=3)
-    floor_1 = matrix.nbytes / bandwidth
+    turn = iter(range(10**9))
+    single = interleaved(
+        {
+            "ours": lambda: gallery.identify(probes[next(turn) % batch], TOP_K),
+            "numpy": lambda: numpy_single(matrix, sq_norms, probes[next(turn) % batch]),
+        }
+    )
+    many = interleaved(
+        {
+            "ours": lambda: [gallery.identify(p, TOP_K) for p in probes],
+            "numpy": lambda: numpy_batch(matrix, sq_norms, probes),
+        },
+        min_runs=1,
+        max_runs=3,
+        budget=0.0,
+    )
+    floor = matrix.nbytes / bandwidth
     print(
-        f"\n{n:,} x {dim}-d in-process ({matrix.nbytes / 2**30:.2f} GiB; Gallery.add of all rows took {fill:.1f} s):\n"
-        f"  single query   ours Gallery.identify {ours_1 * 1e3:9.1f} ms   numpy {raw_1 * 1e3:9.1f} ms   "
-        f"floor {floor_1 * 1e3:8.1f} ms   ours/numpy {ours_1 / raw_1:5.2f}x   ours/floor {ours_1 / floor_1:5.2f}x\n"
-        f"  batch of {batch:<4}  ours {ours_b / batch * 1e3:9.2f} ms/query (one call each)   numpy "
-        f"{raw_b / batch * 1e3:7.2f} ms/query (one M @ P.T)   floor {floor_1 / batch * 1e3:7.2f} ms/query   "
-        f"ours/numpy {ours_b / raw_b:5.1f}x   ours/floor {ours_b / floor_1:5.1f}x",
+        f"\n{n:,} x {dim}-d in-process ({matrix.nbytes / 2**30:.2f} GiB; Gallery.add of every row took {fill:.1f} s)\n"
+        f"  single query: ours Gallery.identify {ms(single['ours'])}   numpy {ms(single['numpy'])}   "
+        f"floor {floor * 1e3:8.2f} ms\n"
+        f"                ours/numpy {single['ours'][0] / single['numpy'][0]:5.2f}x   "
+        f"ours/floor {single['ours'][0] / floor:5.2f}x   numpy/floor {single['numpy'][0] / floor:5.2f}x\n"
+        f"  batch of {batch}: ours (one call per query) {ms(many['ours'], batch)} per query   "
+        f"numpy (one M @ P.T) {ms(many['numpy'], batch)} per query   floor {floor / batch * 1e3:7.2f} ms per query\n"
+        f"                ours/numpy {many['ours'][0] / many['numpy'][0]:5.2f}x   "
+        f"ours/floor {many['ours'][0] / floor:5.1f}x",
         flush=True,
     )
 
@@ -158,28 +184,39 @@ def bench_daemon(daemon: ScratchDaemon, n: int, dim: int, batch: int, bandwidth:
     sq_norms = np.einsum("ij,ij->i", matrix, matrix).astype(np.float32)
     local, _ = fill_gallery(matrix, dim)
     probes, rows = probes_near(matrix, batch, seed=2)
+    turn = iter(range(10**9))
     with daemon.client("gateway") as gateway:
         got = gateway.identify(probes[0], top_k=TOP_K, gallery=gallery)
         assert [c.subject_id for c in got] == [ids[rows[0]]], "the daemon missed the genuine subject"
-        counter = iter(range(10**9))
-        ours_rpc = median_seconds(
-            lambda: gateway.identify(probes[next(counter) % batch], top_k=TOP_K, gallery=gallery), budget=5.0
+        single = interleaved(
+            {
+                "rpc": lambda: gateway.identify(probes[next(turn) % batch], top_k=TOP_K, gallery=gallery),
+                "local": lambda: local.identify(probes[next(turn) % batch], TOP_K),
+                "numpy": lambda: numpy_single(matrix, sq_norms, probes[next(turn) % batch]),
+            },
+            min_runs=20,
+            max_runs=200,
+            budget=10.0,
         )
-        ours_rpc_b = median_seconds(
-            lambda: [gateway.identify(p, top_k=TOP_K, gallery=gallery) for p in probes], min_runs=1, max_runs=3
+        many = interleaved(
+            {
+                "rpc": lambda: [gateway.identify(p, top_k=TOP_K, gallery=gallery) for p in probes],
+                "numpy": lambda: numpy_batch(matrix, sq_norms, probes),
+            },
+            min_runs=3,
+            max_runs=10,
+            budget=5.0,
         )
-    ours_local = median_seconds(lambda: local.identify(probes[next(counter) % batch], TOP_K), budget=5.0)
-    raw_1 = median_seconds(lambda: numpy_single(matrix, sq_norms, probes[next(counter) % batch]), budget=5.0)
-    raw_b = median_seconds(lambda: numpy_batch(matrix, sq_norms, probes), min_runs=1, max_runs=3)
-    floor_1 = matrix.nbytes / bandwidth
+    floor = matrix.nbytes / bandwidth
     print(
         f"\n{n:,} x {dim}-d through the daemon ({matrix.nbytes / 2**20:.1f} MiB; enrolled by BulkEnroll in "
-        f"{enroll_s:.1f} s):\n"
-        f"  single query   ours Identify RPC {ours_rpc * 1e3:8.2f} ms   ours in-process {ours_local * 1e3:8.2f} ms   "
-        f"numpy {raw_1 * 1e3:8.2f} ms   floor {floor_1 * 1e3:7.3f} ms   "
-        f"RPC/numpy {ours_rpc / raw_1:5.1f}x   in-process/numpy {ours_local / raw_1:5.2f}x\n"
-        f"  batch of {batch:<4}  ours Identify RPC {ours_rpc_b / batch * 1e3:8.2f} ms/query   numpy "
-        f"{raw_b / batch * 1e3:8.3f} ms/query   RPC/numpy {ours_rpc_b / raw_b:5.1f}x",
+        f"{enroll_s:.1f} s)\n"
+        f"  single query: ours Identify RPC {ms(single['rpc'])}   ours in-process {ms(single['local'])}   "
+        f"numpy {ms(single['numpy'])}   floor {floor * 1e3:6.3f} ms\n"
+        f"                RPC/numpy {single['rpc'][0] / single['numpy'][0]:5.1f}x   "
+        f"in-process/numpy {single['local'][0] / single['numpy'][0]:5.2f}x\n"
+        f"  batch of {batch}: ours Identify RPC {ms(many['rpc'], batch)} per query   "
+        f"numpy {ms(many['numpy'], batch)} per query   RPC/numpy {many['rpc'][0] / many['numpy'][0]:5.1f}x",
         flush=True,
     )
 
@@ -194,12 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    print(f"Identify, top_k={TOP_K}; {os.cpu_count()} CPUs; {blas_info()}")
+    print(f"Identify, top_k={TOP_K}; {os.cpu_count()} CPUs; {load()}\n{blas_info()}")
     bandwidth, ways = read_bandwidth()
     print(
         "streaming read bandwidth: "
         + ", ".join(f"{name} {rate / 1e9:.1f} GB/s" for name, rate in ways.items())
-        + f"; floor uses {bandwidth / 1e9:.1f} GB/s"
+        + f"; the floor uses {bandwidth / 1e9:.1f} GB/s"
     )
     for dim in args.dims:
         bench_in_process(args.n, dim, args.batch, bandwidth)
@@ -207,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with scratch_daemon(args.dims) as daemon:
             for dim in args.dims:
                 bench_daemon(daemon, args.daemon_n, dim, args.batch, bandwidth)
+    print(f"\nend: {load()}")
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +45,8 @@ class ServerConfig:
     max_workers: int
     max_top_k: int
     max_batch: int
+    # Daemon processes sharing the listening port (server/workers.py); 1 = this process serves.
+    workers: int = 1
     # Transport limits. Defaults here so tests and tools can build a ServerConfig by hand.
     max_concurrent_rpcs: int = 128
     max_concurrent_streams: int = 100
@@ -147,6 +149,18 @@ class GuardConfig:
     similar_probe_fraction: float = 0.25
     similar_probe_count: int = 8
     probe_history: int = 64
+
+
+def for_worker(config: Config, index: int) -> Config:
+    """The config one worker process of ``server.workers`` runs with: its own audit chain, and its
+    own metrics port (``port + index``) unless the port is 0 (any free port)."""
+    audit = replace(config.audit, dir=config.audit.dir / f"worker-{index}")
+    metrics = config.metrics
+    if metrics.listen:
+        host, port = metrics.listen.rsplit(":", 1)
+        if int(port) != 0:
+            metrics = replace(metrics, listen=f"{host}:{int(port) + index}")
+    return replace(config, audit=audit, metrics=metrics)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -285,6 +299,7 @@ def _server(s: _Table, base: Path) -> ServerConfig:
         max_workers=max_workers,
         max_top_k=_bounded(s, "max_top_k", int, 100, 1, 10_000),
         max_batch=_bounded(s, "max_batch", int, 10_000, 1, 1_000_000),
+        workers=_bounded(s, "workers", int, d["workers"], 1, 64),
         max_concurrent_rpcs=_bounded(s, "max_concurrent_rpcs", int, d["max_concurrent_rpcs"], 1, 100_000),
         max_concurrent_streams=_bounded(s, "max_concurrent_streams", int, d["max_concurrent_streams"], 1, 10_000),
         max_connections=_bounded(s, "max_connections", int, d["max_connections"], 1, 1_000_000),

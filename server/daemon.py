@@ -25,14 +25,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from faceseal.server import hygiene, logs
+from faceseal.server import hygiene, logs, workers
 from faceseal.server.api import admin
 from faceseal.server.api.observe import MetricsInterceptor
 from faceseal.server.api.service import PERMISSIONS, FaceSealServicer
 from faceseal.server.audit.log import AuditEntry
 from faceseal.server.auth.interceptor import AuthInterceptor, PolicyHolder
 from faceseal.server.auth.policy import load_policy
-from faceseal.server.config import Config, ServerConfig, load_config, split_address
+from faceseal.server.config import Config, ServerConfig, for_worker, load_config, split_address
 from faceseal.server.core import Core
 from faceseal.server.errors import ConfigError
 from faceseal.server.metrics import Metrics
@@ -233,7 +233,9 @@ def server_options(s: ServerConfig) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", s.max_message_bytes),
         ("grpc.max_send_message_length", s.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Several worker processes share the port only when server.workers asks for it; otherwise a
+        # second daemon on the same port is an error, not a silent split of the traffic.
+        ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
         # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls open at once on one connection.
         ("grpc.max_concurrent_streams", s.max_concurrent_streams),
         # Connections accepted at once (counted from accept, before the TLS handshake) ...
@@ -281,6 +283,11 @@ def serve(config_path: Path) -> int:
     )
     try:
         config = load_config(config_path)
+        index = workers.worker_index()
+        if config.server.workers > 1 and index is None:
+            return workers.supervise(config_path, config.server.workers)
+        if index is not None:
+            config = for_worker(config, index)
         daemon = Daemon(config)
     except (ConfigError, StoreError) as exc:
         log.error("cannot start", extra={"reason": str(exc)})

@@ -75,10 +75,13 @@ def doc() -> dict[str, dict[str, list[str]]]:
     part, section = "config", None
     for line in DOC.read_text(encoding="utf-8").splitlines():
         if line.startswith("## "):
-            part = "policy" if "policy" in line.lower() and "policy.toml" in line else "config"
+            if line.startswith("## faceseal.toml"):
+                part = "config"
+            elif "(policy.toml)" in line:
+                part = "policy"
+            else:
+                part = "other"  # prose sections: no key tables
             section = None
-            if not line.startswith("## faceseal.toml") and part == "config":
-                part = "other"
         elif line.startswith("### "):
             section = _section(line[4:], part)
         elif (row := _ROW.match(line)) and section is not None:

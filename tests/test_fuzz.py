@@ -2,6 +2,9 @@
 
 * Request validation (``faceseal.server.validation``): any vector, id, gallery name or top_k
   gives either a valid result or InvalidArgument, and the message never carries the value.
+  And what it accepts the gallery handles: Identify over any accepted templates and probe agrees
+  with a brute-force float64 search, up to float32 rounding (vectors whose float32 squares over-
+  or underflowed used to vanish from Identify; validation now bounds a vector's length).
 * The policy parser: arbitrary TOML-ish text, and arbitrary structured policies dumped to TOML,
   give a Policy or ConfigError, nothing else; an accepted policy obeys every rule of the format.
 * The config parser: arbitrary mutations of a valid dev config give a Config or ConfigError.
@@ -19,8 +22,10 @@ guard counters into the store, blurring "the store changed iff an Enroll or Dele
 ``test_daemon_fuzz_guard_on`` then runs the same requests with the guard on and tight limits,
 accepting RESOURCE_EXHAUSTED, to show that the guard's refusals change nothing either.
 
+"The store" is the SQLite file: refused calls do append an audit record (by design), nothing else.
+
 Reproducible in CI: every run draws the same examples (``derandomize=True``) and nothing is
-read from or written to a hypothesis example database.
+read from or written to a hypothesis example database. About 35 s of CPU in all.
 """
 
 from __future__ import annotations

@@ -1,0 +1,73 @@
+"""server.workers = 2: two daemon processes share the port and follow each other through the store."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from helpers import SubprocessDaemon, random_encodings
+
+from faceseal.client import FaceSealClientError
+
+pytestmark = pytest.mark.slow
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def audited_methods(directory: Path) -> list[str]:
+    return [
+        json.loads(line)["method"].rsplit("/", 1)[-1]
+        for path in sorted(directory.glob("audit-*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+
+
+def test_two_workers_share_the_port_and_each_others_writes(subprocess_daemon: SubprocessDaemon) -> None:
+    dev = subprocess_daemon.dev
+    dev.set_server(workers=2)
+    dev.edit_config(lambda c: c["store"].update(follow_interval_seconds=0.1))
+    subprocess_daemon.start()
+    workers = children(subprocess_daemon.pid)
+    assert len(workers) == 2, "the supervisor should run exactly two worker processes"
+
+    alice = random_encodings(1, seed=21)[0]
+    with dev.client(subprocess_daemon.target, "enroller") as enroller:
+        enroller.enroll("alice", alice)
+    # Fresh connections land on either worker; every one must find alice within 2 s.
+    for _ in range(16):
+        with dev.client(subprocess_daemon.target, "gateway") as gateway:
+            deadline = time.monotonic() + 2.0
+            while True:
+                try:
+                    assert gateway.match("alice", alice).match
+                    break
+                except FaceSealClientError:
+                    assert time.monotonic() < deadline, "a worker did not see the enrollment within 2 s"
+                    time.sleep(0.05)
+
+    # Each worker keeps its own audit chain; both served Match calls.
+    audit = dev.data_dir / "audit"
+    per_worker = {w: audited_methods(audit / f"worker-{w}") for w in (0, 1)}
+    assert all("Match" in methods for methods in per_worker.values()), per_worker
+    assert sum(methods.count("Enroll") for methods in per_worker.values()) == 1
+
+    subprocess_daemon.send(signal.SIGTERM)
+    assert subprocess_daemon.wait(timeout=30) == 0
+    assert not [
+        pid
+        for pid in workers
+        if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    ]
