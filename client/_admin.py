@@ -119,6 +119,14 @@ class AdminClient(Connection):
         self._call(self._admin.RetireKey, admin_pb2.RetireKeyRequest(version=version), timeout)
 
 
+    def audit_hash(self, subject_id: str, *, gallery: str = "", timeout: float | None = None) -> str:
+        """The value of the ``subject`` field of this subject's audit records (the search key an
+        investigator greps the audit log for). The request itself is audited."""
+        request = admin_pb2.GetAuditHashRequest(gallery=gallery, subject_id=subject_id)
+        response: admin_pb2.GetAuditHashResponse = self._call(self._admin.GetAuditHash, request, timeout)
+        return response.subject_hmac
+
+
 def _progress(call: grpc.CallIterator[admin_pb2.RewrapResponse]) -> Iterator[RewrapProgress]:
     try:
         for message in call:

@@ -5,7 +5,7 @@ other than SERVING, so the command works as a container health check; or a rewra
 templates behind), 2 a usage error.
 With ``--json`` stdout carries exactly one JSON object, errors included, so scripts parse one thing.
 
-``faceseal admin status|rotate|rewrap|retire VERSION`` drives key rotation (use ``--profile admin``);
+``faceseal admin status|rotate|rewrap|retire VERSION|audit-hash`` drives key rotation (use ``--profile admin``);
 ``rewrap`` draws a progress bar on stderr when stderr is a terminal.
 
 ``faceseal import FILE`` enrolls a whole file in BulkEnroll batches (see ``_import.py``), with a
@@ -275,6 +275,11 @@ def _admin_retire(client: AdminClient, args: argparse.Namespace) -> _Output:
     return _Output({"retired": args.version}, f"retired key version {args.version}: it is destroyed")
 
 
+def _admin_audit_hash(client: AdminClient, args: argparse.Namespace) -> _Output:
+    value = client.audit_hash(args.subject, gallery=args.gallery)
+    return _Output({"subject_hmac": value}, value)
+
+
 def _positive(kind: Callable[[str], _Number]) -> Callable[[str], _Number]:
     def parse(text: str) -> _Number:
         try:
@@ -383,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     action("rewrap", _admin_rewrap, "re-seal every template under the active key version (no deadline)")
     sub = action("retire", _admin_retire, "destroy a key version no template uses (crypto-shredding)")
     sub.add_argument("version", type=_positive(int), help="the key version to destroy")
+    sub = action("audit-hash", _admin_audit_hash, "the HMAC under which the audit log names a subject")
+    sub.add_argument("--subject", required=True, help="the subject id to look up")
+    sub.add_argument("--gallery", default="", help="gallery name (default: the daemon's default)")
     return parser
 
 

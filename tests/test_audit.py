@@ -180,3 +180,27 @@ def test_unwritable_audit_log_refuses_calls_and_changes_nothing(dev: Dev, harnes
     assert db_snapshot(dev.db_path) == before
     assert harness.daemon is not None
     assert harness.daemon.metrics.audit_failures._value.get() >= 2
+
+
+def test_cli_audit_hash_finds_the_subjects_records(daemon: InProcessDaemon, dev: Dev) -> None:
+    mixed_run(daemon)
+    faceseal = Path(sys.executable).with_name("faceseal")
+    common = ["--dev-dir", str(dev.dir), "--target", daemon.target]
+    result = subprocess.run(
+        [str(faceseal), "--profile", "admin", *common, "admin", "audit-hash", "--subject", SUBJECTS[0]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    value = result.stdout.strip()
+    assert len(value) == 64
+    assert [r["outcome"] for r in audit_lines(dev) if r["subject"] == value][:3] == ["OK", "OK", "OK"]
+    refused = subprocess.run(
+        [str(faceseal), "--profile", "gateway", *common, "admin", "audit-hash", "--subject", SUBJECTS[0]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1
+    assert "PERMISSION_DENIED" in refused.stderr
