@@ -118,7 +118,6 @@ class AdminClient(Connection):
             raise ValueError(f"a key version is a positive 32-bit number, not {version}")
         self._call(self._admin.RetireKey, admin_pb2.RetireKeyRequest(version=version), timeout)
 
-
     def audit_hash(self, subject_id: str, *, gallery: str = "", timeout: float | None = None) -> str:
         """The value of the ``subject`` field of this subject's audit records (the search key an
         investigator greps the audit log for). The request itself is audited."""

@@ -30,6 +30,8 @@ import signal
 import tempfile
 import threading
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,9 +146,13 @@ def _read_npz(path: Path) -> ImportSource:
             encodings = _matrix(path, archive["encodings"], "'encodings'")
             ids = _id_list(path, archive[id_name], f"'{id_name}'")
         except ValueError as exc:
+            if "allow_pickle" in str(exc):
+                raise ValueError(f"{path}: object arrays are refused (they would need pickle)") from exc
             if str(exc).startswith(str(path)):
                 raise
-            raise ValueError(f"{path}: object arrays are refused (they would need pickle)") from exc
+            raise ValueError(f"{path}: an array in the archive cannot be read") from exc
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise ValueError(f"{path}: an array in the archive cannot be read (truncated or corrupt)") from exc
     if len(ids) != encodings.shape[0]:
         raise ValueError(f"{path}: {encodings.shape[0]} encodings but {len(ids)} {id_name}")
     return ImportSource(path, ids, encodings, sha256)
@@ -373,7 +379,8 @@ class _StopSignals:
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # None: a handler installed outside Python; the default is the closest we can restore.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def run_import(

@@ -135,7 +135,10 @@ def _import(client: FaceSealClient, args: argparse.Namespace) -> _Output:
     except FaceSealClientError as err:
         raise FaceSealClientError(err.code, f"{err.message} {stopped_at()}") from None
     except KeyboardInterrupt:  # a second Ctrl-C: the batch in flight may or may not have been stored
-        raise FaceSealClientError(grpc.StatusCode.CANCELLED, f"interrupted {stopped_at()}") from None
+        raise FaceSealClientError(
+            grpc.StatusCode.CANCELLED,
+            f"interrupted during a batch, which the daemon may have stored: a rerun sends it again {stopped_at()}",
+        ) from None
     finally:
         if bar is not None:
             bar.finish()

@@ -398,16 +398,23 @@ def test_prometheus_counts_exactly_the_calls_made(daemon: InProcessDaemon, prome
         ("Match", "PERMISSION_DENIED"): 2,
         ("Identify", "OK"): 1,
         ("Delete", "OK"): 0,  # zero-initialised, never called
+        ("BulkEnroll", "OK"): 0,
     }
     started = _by(prometheus.query(f"grpc_server_started_total{{{ours}}}"), "grpc_method")
-    assert started == {("Enroll",): 6, ("Match",): 5, ("Identify",): 1, ("Delete",): 0}
+    assert started == {("Enroll",): 6, ("Match",): 5, ("Identify",): 1, ("Delete",): 0, ("BulkEnroll",): 0}
     latencies = _by(prometheus.query(f"grpc_server_handling_seconds_count{{{ours}}}"), "grpc_method")
-    assert latencies == {("Enroll",): 6, ("Match",): 5, ("Identify",): 1, ("Delete",): 0}
+    assert latencies == {("Enroll",): 6, ("Match",): 5, ("Identify",): 1, ("Delete",): 0, ("BulkEnroll",): 0}
 
     decisions = _by(prometheus.query(f'faceseal_match_decisions_total{{job="{JOB}"}}'), "gallery", "decision")
     assert decisions == {("faces", "match"): 2, ("faces", "no_match"): 1}
     denied = _by(prometheus.query(f'faceseal_auth_denied_total{{job="{JOB}"}}'), "reason")
-    assert denied == {("unknown_identity",): 0, ("no_permission",): 2, ("gallery_not_allowed",): 0}
+    assert denied == {
+        ("unknown_identity",): 0,
+        ("no_permission",): 2,
+        ("gallery_not_allowed",): 0,
+        ("revoked",): 0,
+        ("expired",): 0,
+    }
     assert prometheus.scalar(f'faceseal_templates{{job="{JOB}", gallery="faces"}}') == 5
 
     p99 = prometheus.scalar(MATCH_P99)
