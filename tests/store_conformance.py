@@ -90,6 +90,13 @@ class ChangeLogConformance:
         # Asking from a later revision returns only what came after it.
         assert [c.kind for c in store.changes_since(changes[2].revision)[1]] == ["delete_subject", "keys"]
 
+    def test_iteration_pages_through_large_galleries_in_order(self, store: Store) -> None:
+        store.page_size = 2  # type: ignore[attr-defined]  # SQL backends page their reads
+        for i in range(5):
+            store.put_template(row("g1", f"s{i}", f"t{i}"), replace_subject=False)
+        store.put_template(row("g2", "other", "x"), replace_subject=False)
+        assert [r.template_id for r in store.iter_templates("g1")] == [f"t{i}" for i in range(5)]
+
     def test_template_by_id(self, store: Store) -> None:
         r = row("g1", "alice", "t1")
         store.put_template(r, replace_subject=False)

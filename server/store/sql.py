@@ -160,13 +160,23 @@ class SqlStore(ABC):
         )
         return int(rows[0][0])
 
+    # Rows per read while iterating a gallery: a million-row gallery streams in pages (keyset
+    # pagination on seq) instead of materialising every blob at once.
+    page_size = 5000
+
     def iter_templates(self, gallery: str) -> Iterator[TemplateRow]:
-        rows = self._read(
-            "SELECT gallery, subject_ref, template_id, key_version, subject_blob, template_blob"
-            " FROM templates WHERE gallery = ? ORDER BY seq",
-            (gallery,),
-        )
-        return iter([_row(r) for r in rows])
+        last = -1
+        while True:
+            rows = self._read(
+                "SELECT seq, gallery, subject_ref, template_id, key_version, subject_blob, template_blob"
+                " FROM templates WHERE gallery = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (gallery, last, self.page_size),
+            )
+            for r in rows:
+                yield _row(r[1:])
+            if len(rows) < self.page_size:
+                return
+            last = int(rows[-1][0])
 
     def template(self, template_id: str) -> TemplateRow | None:
         rows = self._read(
