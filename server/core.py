@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from faceseal.server import validation
 from faceseal.server.audit.log import AuditEntry, AuditLog, derive_audit_key, subject_hmac
 from faceseal.server.auth.policy import Caller, Permission
@@ -41,6 +43,7 @@ from faceseal.server.store.base import Store, StoreError, TemplateRow
 log = logging.getLogger("faceseal.core")
 
 DISTANCE_DECIMALS = 3
+_OPEN_BATCH = 4096  # rows decrypted per append to the in-memory matrix at unseal
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,9 +229,27 @@ class Core:
         gallery.add(subject_id, row.template_id, encoding, subject_ref=row.subject_ref)
 
     def _open_gallery(self, barrier: Barrier, config: GalleryConfig) -> Gallery:
+        """Decrypt every row of a gallery into one matrix, appended in batches."""
         gallery = Gallery(config)
+        entries: list[tuple[str, str, bytes]] = []
+        vectors: list[F32] = []
         for row in self._store.iter_templates(config.name):
-            self._open_row(barrier, gallery, row)
+            sealed = SealedTemplate(row.key_version, row.subject_blob, row.template_blob)
+            try:
+                subject_id, encoding = barrier.open(
+                    config.name, row.subject_ref, row.template_id, sealed, config.dimension
+                )
+            except IntegrityError:
+                self._alarm(config.name)
+                gallery.poison(row.subject_ref)
+                continue
+            entries.append((subject_id, row.template_id, row.subject_ref))
+            vectors.append(encoding)
+            if len(entries) == _OPEN_BATCH:
+                gallery.add_many(entries, np.stack(vectors))
+                entries, vectors = [], []
+        if entries:
+            gallery.add_many(entries, np.stack(vectors))
         return gallery
 
     def _audit_key(self) -> bytes | None:

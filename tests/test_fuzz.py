@@ -231,7 +231,7 @@ def galleries_and_probe(draw: st.DrawFn) -> tuple[str, float, list[tuple[int, li
     return metric, threshold, templates, probe, draw(st.integers(1, 5))
 
 
-@_settings(200)
+@_settings(150)
 @given(case=galleries_and_probe())
 def test_identify_ranks_every_accepted_vector_correctly(
     case: tuple[str, float, list[tuple[int, list[float]]], list[float], int],
@@ -508,7 +508,7 @@ def _parse_policy_or_config_error(text: str) -> Policy | ConfigError:
     return policy
 
 
-@_settings(400)
+@_settings(300)
 @given(text=POLICY_TEXT)
 @example(text="callers = " + "[" * DEEP + "]" * DEEP)
 @example(text="x = " + "{a = " * DEEP + "1" + "}" * DEEP)
@@ -656,7 +656,7 @@ def _policy_oracle(doc: dict[str, Any]) -> bool:
     return True
 
 
-@_settings(250)
+@_settings(200)
 @given(doc=policy_document())
 def test_structured_policy_parses_or_config_error(doc: dict[str, Any]) -> None:
     outcome = _parse_policy_or_config_error(toml_document(doc))
@@ -787,7 +787,7 @@ def _assert_config_sane(config: Config) -> None:
         assert config.mode == "dev"
 
 
-@_settings(200)
+@_settings(150)
 @given(data=st.data())
 def test_config_mutations_load_or_config_error(dev_config: tuple[Path, dict[str, Any]], data: st.DataObject) -> None:
     path, base = dev_config
@@ -1020,7 +1020,7 @@ def test_daemon_fuzz_guard_off(harness: InProcessDaemon) -> None:
     target = _prepare(harness, {"enabled": False})
     outcomes: Counter[tuple[str, str]] = Counter()
 
-    @_settings(250, deadline=None)
+    @_settings(200, deadline=None)
     @given(call=calls())
     @example(call=Call("Enroll", "enroller", pb.EnrollRequest(subject_id="big", encoding=OVERSIZED), OVERSIZED))
     @example(call=Call("Enroll", "enroller", pb.EnrollRequest(subject_id="max", encoding=[3.4e38] * DIM)))
@@ -1053,7 +1053,7 @@ def test_daemon_fuzz_guard_on(harness: InProcessDaemon) -> None:
     )
     outcomes: Counter[str] = Counter()
 
-    @_settings(150, deadline=None)
+    @_settings(120, deadline=None)
     @given(call=calls())
     def run(call: Call) -> None:
         outcomes[_check_call(target, call, DOCUMENTED, guard_on=True).name] += 1

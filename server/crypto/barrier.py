@@ -46,6 +46,8 @@ class Barrier:
 
     def __init__(self, keyring: Keyring) -> None:
         self._keyring = keyring
+        # One cipher object per key version: building AESGCM per blob dominated unseal time.
+        self._ciphers = {v: AESGCM(k.reveal()) for v, k in keyring.data_keys.items()}
 
     @property
     def keyring(self) -> Keyring:
@@ -70,7 +72,7 @@ class Barrier:
         key = self._keyring.key(version)
         if key is None:
             raise ValueError("no such key version")
-        aead = AESGCM(key.reveal())
+        aead = self._ciphers[version]
         ref = self.subject_ref(gallery, subject_id)
         plaintext = np.ascontiguousarray(encoding, dtype=_FLOAT).tobytes()
         t_nonce, s_nonce = os.urandom(blob.NONCE_BYTES), os.urandom(blob.NONCE_BYTES)
@@ -124,6 +126,8 @@ class Barrier:
         if parsed.key_version != row_version or key is None:
             raise IntegrityError(_OPAQUE)
         try:
-            return AESGCM(key.reveal()).decrypt(parsed.nonce, parsed.ciphertext, aad_for(parsed.key_version))
+            return self._ciphers[parsed.key_version].decrypt(
+                parsed.nonce, parsed.ciphertext, aad_for(parsed.key_version)
+            )
         except InvalidTag:
             raise IntegrityError(_OPAQUE) from None

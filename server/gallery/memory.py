@@ -53,18 +53,29 @@ class Gallery:
         with self._lock:
             if replace:
                 self._remove_locked(subject_id)
-            if self._n == self._matrix.shape[0]:
-                self._grow()
-            row = self._n
-            self._matrix[row] = encoding
-            self._sq_norms[row] = np.float32(np.dot(encoding, encoding))
+            self._append_locked([(subject_id, template_id, subject_ref)], encoding[np.newaxis, :])
+
+    def add_many(self, entries: list[tuple[str, str, bytes]], encodings: F32) -> None:
+        """Append many (subject_id, template_id, subject_ref) rows at once: one growth, one copy
+        and one norm computation for the whole batch (opening a gallery at unseal)."""
+        with self._lock:
+            self._append_locked(entries, encodings)
+
+    def _append_locked(self, entries: list[tuple[str, str, bytes]], encodings: F32) -> None:
+        start, count = self._n, len(entries)
+        while start + count > self._matrix.shape[0]:
+            self._grow()
+        block = self._matrix[start : start + count]
+        block[:] = encodings
+        self._sq_norms[start : start + count] = np.einsum("ij,ij->i", block, block)
+        for offset, (subject_id, template_id, subject_ref) in enumerate(entries):
             self._row_subject.append(subject_id)
             self._row_template.append(template_id)
-            self._rows.setdefault(subject_id, []).append(row)
+            self._rows.setdefault(subject_id, []).append(start + offset)
             self._refs[subject_id] = subject_ref
             self._by_ref[subject_ref] = subject_id
             self._templates.add(template_id)
-            self._n += 1
+        self._n += count
 
     def has_template(self, template_id: str) -> bool:
         with self._lock:
