@@ -8,13 +8,14 @@ GEN := gen/faceseal/v1
 PROTOS := $(wildcard protos/faceseal/v1/*.proto)
 TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
+CHECKOV := $(TOOLS)/checkov/bin/checkov
 
-.PHONY: run test venv gen test-deps lint typecheck buf-lint pytest clean dev-pki
+.PHONY: run test venv gen test-deps lint lint-deploy interop-deps typecheck buf-lint pytest clean dev-pki
 
 run: venv gen $(DEV_DIR)/faceseal.toml
 	$(BIN)/faceseald serve --config $(DEV_DIR)/faceseal.toml
 
-test: venv gen test-deps lint typecheck buf-lint pytest
+test: venv gen test-deps lint lint-deploy typecheck buf-lint interop-deps pytest
 
 venv: $(VENV)/.installed
 
@@ -45,8 +46,8 @@ test-deps:
 	scripts/install-test-deps.sh
 
 lint: venv
-	$(BIN)/ruff check server client tests bench
-	$(BIN)/ruff format --check server client tests bench
+	$(BIN)/ruff check server client tests bench deploy
+	$(BIN)/ruff format --check server client tests bench deploy
 
 # mypy cannot follow setuptools' editable-install finder, so it reads a symlinked view of the
 # namespace package instead: build/typecheck/faceseal/{server,client,v1}.
@@ -61,6 +62,23 @@ typecheck: venv gen
 $(BUF):
 	mkdir -p $(TOOLS)
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@1
+
+# checkov pins old dependencies, so it lives in a venv of its own.
+$(CHECKOV):
+	$(PYTHON) -m venv $(TOOLS)/checkov
+	$(TOOLS)/checkov/bin/pip install --quiet --disable-pip-version-check 'checkov>=3.2,<4'
+
+# The Node.js interoperability client (tests/test_interop_node.py); the lock file is committed.
+interop/node/node_modules/.package-lock.json: interop/node/package-lock.json
+	cd interop/node && npm ci --ignore-scripts --no-audit --no-fund
+
+interop-deps: interop/node/node_modules/.package-lock.json
+
+lint-deploy: venv $(CHECKOV)
+	$(BIN)/hadolint deploy/docker/Dockerfile
+	$(BIN)/shellcheck --shell=sh deploy/docker/faceseal-healthcheck.sh deploy/compose/bao-init.sh
+	$(BIN)/kubernetes-validate --strict --quiet $(filter-out %/kustomization.yaml %/servicemonitor.yaml,$(wildcard deploy/kubernetes/*.yaml))
+	$(CHECKOV) -d deploy/kubernetes --framework kubernetes --skip-download --compact --quiet
 
 buf-lint: $(BUF)
 	cd protos && ../$(BUF) lint

@@ -6,9 +6,10 @@ against the memory-bandwidth floor, single queries and a batch of queries, in th
 * ours, through the daemon: Identify over gRPC + mutual TLS to ``faceseald serve``, on a smaller
   gallery (``--daemon-n``, enrolled with BulkEnroll: a million would take the import minutes);
 * raw numpy on an identical matrix: ``sq_norms - 2 * (M @ p)`` and ``argpartition`` for one
-  query, ``M @ P.T`` and ``argpartition`` along the rows for a batch;
+  query, ``P @ M.T`` and ``argpartition`` per query row for a batch;
 * the floor: the matrix's bytes divided by a streaming-read bandwidth measured here (the best of
-  ``np.sum`` on one and on two threads and a copy): no exact 1:N search can read less.
+  ``np.sum`` on one and on two threads): no exact 1:N search can read less. A batch reads the
+  matrix once, so its floor is the slower of that and the multiply at the measured sgemm rate.
 
     .venv/bin/python bench/identify.py                       # N = 1,000,000, 512-d and 128-d
     .venv/bin/python bench/identify.py --n 100000 --dims 128 # a quick run
@@ -174,7 +175,8 @@ def bench_in_process(n: int, dim: int, batch: int, bandwidth: float, flops: floa
         f"                ours/numpy {single['ours'][0] / single['numpy'][0]:5.2f}x   "
         f"ours/floor {single['ours'][0] / floor:5.2f}x   numpy/floor {single['numpy'][0] / floor:5.2f}x\n"
         f"  batch of {batch}: ours (one call per query) {ms(many['ours'], batch)} per query   "
-        f"numpy (one P @ M.T) {ms(many['numpy'], batch)} per query   floor {batch_floor / batch * 1e3:7.2f} ms per query\n"
+        f"numpy (one P @ M.T) {ms(many['numpy'], batch)} per query   "
+        f"floor {batch_floor / batch * 1e3:7.2f} ms per query\n"
         f"                ours/numpy {many['ours'][0] / many['numpy'][0]:5.2f}x   "
         f"ours/floor {many['ours'][0] / batch_floor:5.1f}x   numpy/floor {many['numpy'][0] / batch_floor:5.2f}x",
         flush=True,

@@ -9,6 +9,7 @@ declare -A wanted=(
   [softhsm2-util]=softhsm2
   [prometheus]=prometheus
   [promtool]=prometheus
+  [systemd-analyze]=systemd
 )
 # PostgreSQL's server binaries live outside the PATH on Debian.
 pg_ok() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
