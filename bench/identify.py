@@ -15,7 +15,9 @@ against the memory-bandwidth floor, single queries and a batch of queries, in th
     .venv/bin/python bench/identify.py --n 100000 --dims 128 # a quick run
 
 Random unit vectors are ~1.41 apart, beyond the 0.6 threshold, so each probe is a noisy copy of
-one enrolled row (one genuine candidate), as a real search would be. Medians of repeated runs.
+one enrolled row (one genuine candidate), as a real search would be. Each time is shown as the
+median and the best of repeated runs taken in turns; the ratios use the best runs, the estimate
+least disturbed by other load on the machine (the medians show how much there was).
 """
 
 from __future__ import annotations
@@ -40,12 +42,18 @@ TOP_K = 5
 
 
 def interleaved(
-    fns: dict[str, Callable[[], object]], *, min_runs: int = 5, max_runs: int = 25, budget: float = 15.0
+    fns: dict[str, Callable[[], object]],
+    *,
+    min_runs: int = 5,
+    max_runs: int = 25,
+    budget: float = 15.0,
+    warm_up: bool = True,
 ) -> dict[str, tuple[float, float]]:
-    """(median, best) wall time of each function, run in turns (a, b, a, b, ...) after one warm-up
-    call each, so a change of load on the machine hits all of them alike: at least ``min_runs``
-    turns, then more until ``budget`` seconds have passed or ``max_runs``."""
-    for fn in fns.values():
+    """(median, best) wall time of each function, run in turns (a, b, a, b, ...) so that a change
+    of load on the machine hits all of them alike; one warm-up call each first (unless
+    ``warm_up`` is false); at least ``min_runs`` turns, then more until ``budget`` seconds have
+    passed or ``max_runs``."""
+    for fn in fns.values() if warm_up else ():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
@@ -162,9 +170,10 @@ def bench_in_process(n: int, dim: int, batch: int, bandwidth: float, flops: floa
             "ours": lambda: [gallery.identify(p, TOP_K) for p in probes],
             "numpy": lambda: numpy_batch(matrix, sq_norms, probes),
         },
-        min_runs=1,
+        min_runs=2,
         max_runs=3,
         budget=0.0,
+        warm_up=False,  # the single queries just ran the same code
     )
     floor = matrix.nbytes / bandwidth
     batch_floor = max(floor, 2.0 * n * dim * batch / flops)  # read M once, or the multiply, whichever is slower
@@ -172,13 +181,13 @@ def bench_in_process(n: int, dim: int, batch: int, bandwidth: float, flops: floa
         f"\n{n:,} x {dim}-d in-process ({matrix.nbytes / 2**30:.2f} GiB; Gallery.add of every row took {fill:.1f} s)\n"
         f"  single query: ours Gallery.identify {ms(single['ours'])}   numpy {ms(single['numpy'])}   "
         f"floor {floor * 1e3:8.2f} ms\n"
-        f"                ours/numpy {single['ours'][0] / single['numpy'][0]:5.2f}x   "
-        f"ours/floor {single['ours'][0] / floor:5.2f}x   numpy/floor {single['numpy'][0] / floor:5.2f}x\n"
+        f"                ours/numpy {single['ours'][1] / single['numpy'][1]:5.2f}x   "
+        f"ours/floor {single['ours'][1] / floor:5.2f}x   numpy/floor {single['numpy'][1] / floor:5.2f}x\n"
         f"  batch of {batch}: ours (one call per query) {ms(many['ours'], batch)} per query   "
         f"numpy (one P @ M.T) {ms(many['numpy'], batch)} per query   "
         f"floor {batch_floor / batch * 1e3:7.2f} ms per query\n"
-        f"                ours/numpy {many['ours'][0] / many['numpy'][0]:5.2f}x   "
-        f"ours/floor {many['ours'][0] / batch_floor:5.1f}x   numpy/floor {many['numpy'][0] / batch_floor:5.2f}x",
+        f"                ours/numpy {many['ours'][1] / many['numpy'][1]:5.2f}x   "
+        f"ours/floor {many['ours'][1] / batch_floor:5.1f}x   numpy/floor {many['numpy'][1] / batch_floor:5.2f}x",
         flush=True,
     )
 
@@ -227,10 +236,10 @@ def bench_daemon(daemon: ScratchDaemon, n: int, dim: int, batch: int, bandwidth:
         f"{enroll_s:.1f} s)\n"
         f"  single query: ours Identify RPC {ms(single['rpc'])}   ours in-process {ms(single['local'])}   "
         f"numpy {ms(single['numpy'])}   floor {floor * 1e3:6.3f} ms\n"
-        f"                RPC/numpy {single['rpc'][0] / single['numpy'][0]:5.1f}x   "
-        f"in-process/numpy {single['local'][0] / single['numpy'][0]:5.2f}x\n"
+        f"                RPC/numpy {single['rpc'][1] / single['numpy'][1]:5.1f}x   "
+        f"in-process/numpy {single['local'][1] / single['numpy'][1]:5.2f}x\n"
         f"  batch of {batch}: ours Identify RPC {ms(many['rpc'], batch)} per query   "
-        f"numpy {ms(many['numpy'], batch)} per query   RPC/numpy {many['rpc'][0] / many['numpy'][0]:5.1f}x",
+        f"numpy {ms(many['numpy'], batch)} per query   RPC/numpy {many['rpc'][1] / many['numpy'][1]:5.1f}x",
         flush=True,
     )
 

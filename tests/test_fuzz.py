@@ -1062,3 +1062,62 @@ def test_daemon_fuzz_guard_on(harness: InProcessDaemon) -> None:
     assert health(harness.dev, harness.target) == "SERVING"
     assert outcomes["OK"], outcomes
     assert outcomes["RESOURCE_EXHAUSTED"], outcomes
+
+
+@st.composite
+def raw_bodies(draw: st.DrawFn) -> tuple[str, bytes]:
+    """A method and a request body that may not even be protobuf: random bytes, or a valid request
+    with bytes flipped, cut off or inserted (which makes invalid UTF-8, bad lengths, bad tags)."""
+    method = draw(st.sampled_from(["Enroll", "Match", "Identify", "Delete"]))
+    if draw(st.booleans()):
+        return method, draw(st.binary(max_size=600))
+    valid = {
+        "Enroll": pb.EnrollRequest(subject_id="known-1", encoding=list(FACES[1]), replace=True),
+        "Match": pb.MatchRequest(subject_id="known-2", probe=list(FACES[2])),
+        "Identify": pb.IdentifyRequest(probe=list(FACES[0]), top_k=3),
+        "Delete": pb.DeleteRequest(subject_id="known-3"),
+    }[method].SerializeToString()
+    body = bytearray(valid)
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(body)))
+        edit = draw(st.sampled_from(["flip", "cut", "insert"]))
+        if edit == "flip" and at < len(body):
+            body[at] = draw(st.integers(0, 255))
+        elif edit == "cut":
+            del body[at:]
+        else:
+            body[at:at] = draw(st.binary(min_size=1, max_size=8))
+    return method, bytes(body)
+
+
+def test_daemon_fuzz_raw_bytes(harness: InProcessDaemon) -> None:
+    """Request bodies that are not valid protobuf: INVALID_ARGUMENT (gRPC itself would say INTERNAL,
+    before any of the daemon's code ran), or a documented code when the bytes happen to decode."""
+    target = _prepare(harness, {"enabled": False})
+    channel = harness.dev.channel(harness.target, "enroller")
+    gateway = harness.dev.channel(harness.target, "gateway")
+    outcomes: Counter[str] = Counter()
+
+    @_settings(150, deadline=None)
+    @given(case=raw_bodies())
+    @example(case=("Enroll", b"\x12\x03\xff\xfe\xfd"))  # subject_id that is not UTF-8
+    @example(case=("Match", b"\xff\xff\xff\xff"))
+    def run(case: tuple[str, bytes]) -> None:
+        method, body = case
+        via = channel if method in ("Enroll", "Delete") else gateway
+        call = via.unary_unary(f"/faceseal.v1.FaceSealService/{method}", lambda b: b, lambda b: b)
+        before, revision = db_snapshot(target.db), db_revision(target.db)
+        try:
+            call(body, timeout=15)
+            code = OK
+        except grpc.RpcError as err:
+            code = err.code()
+        assert code in DOCUMENTED, f"undocumented status {code.name}"
+        if code is not OK:
+            assert db_snapshot(target.db) == before, f"a refused call ({code.name}) changed the store"
+            assert db_revision(target.db) == revision
+        outcomes[code.name] += 1
+
+    run()
+    assert health(harness.dev, harness.target) == "SERVING"
+    assert outcomes["INVALID_ARGUMENT"], outcomes

@@ -130,6 +130,12 @@ def test_nothing_in_clear_on_disk_or_in_logs(subprocess_daemon: SubprocessDaemon
     keyring = unwrapped_keyring(dev)
     assert {"index key v1", "data key v1"} <= set(keyring)
     needles = _needles({**secrets, **keyring}, chosen)
+    # Distances the daemon computed (decision-only callers never see them): printed to 6 places.
+    for i, a in enumerate(chosen):
+        for j, b in enumerate(chosen):
+            if i < j:
+                d = float(np.linalg.norm(a.astype(np.float64) - b.astype(np.float64)))
+                needles[f"distance {i}-{j}"] = f"{d:.6f}".encode()
     assert _leaks({**running, **stopped}, needles) == []
 
     # The KEK of an HSM or an engine cannot be searched for: it never leaves the seal.

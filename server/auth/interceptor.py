@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes
 from faceseal.server.api.errors import abort
 from faceseal.server.auth.identity import identity_of
 from faceseal.server.auth.policy import Caller, Permission, Policy
-from faceseal.server.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from faceseal.server.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
 from faceseal.server.metrics import Metrics
 from faceseal.server.request import RequestInfo, bind, current, unbind
 
@@ -238,6 +238,8 @@ class AuthInterceptor(_Interceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        if handler.unary_unary or handler.unary_stream:
+            kwargs["request_deserializer"] = _lenient(handler.request_deserializer)
         if handler.unary_unary:
             inner = handler.unary_unary
 
@@ -245,6 +247,7 @@ class AuthInterceptor(_Interceptor):
                 info, token = start(context)
                 try:
                     self._authenticate(context, info, permission)
+                    _decoded(request, context)
                     return inner(request, context)
                 except BaseException:
                     self._failed(request, context, info)
@@ -260,6 +263,7 @@ class AuthInterceptor(_Interceptor):
                 info, token = start(context)
                 try:
                     self._authenticate(context, info, permission)
+                    _decoded(request, context)
                     yield from inner_stream(request, context)
                 except BaseException:
                     self._failed(request, context, info)
@@ -285,3 +289,34 @@ class AuthInterceptor(_Interceptor):
             return grpc.stream_unary_rpc_method_handler(client_stream, **kwargs)
         # No bidirectional methods exist; refuse rather than run one unauthenticated.
         raise NotImplementedError(f"bidirectional streams are not wired for authentication: {method}")
+
+
+class _Undecodable:
+    """What a request body that is not a valid message of the method's type decodes to."""
+
+    __slots__ = ()
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserialize``, but a body that does not decode (bad wire format, invalid UTF-8 in a string
+    field) becomes _UNDECODABLE instead of an exception: gRPC would answer INTERNAL for it before any
+    handler ran, unauthenticated, unaudited and uncounted, where the caller sent INVALID_ARGUMENT."""
+    if deserialize is None:
+        return None
+
+    def run(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # protobuf's DecodeError, or whatever a deserializer raises
+            return _UNDECODABLE
+
+    return run
+
+
+def _decoded(request: Any, context: grpc.ServicerContext) -> None:
+    """Refuse a request that did not decode (after authentication: strangers learn nothing)."""
+    if request is _UNDECODABLE:
+        abort(context, InvalidArgument("the request is not a valid message for this method"))
