@@ -10,33 +10,39 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 CHECKOV := $(TOOLS)/checkov/bin/checkov
 
-.PHONY: run test venv gen test-deps lint lint-deploy interop-deps typecheck buf-lint pytest clean dev-pki
+.PHONY: run test runtime venv gen test-deps lint lint-deploy interop-deps typecheck buf-lint pytest clean dev-pki
 
-run: venv gen $(DEV_DIR)/faceseal.toml
+run: runtime gen $(DEV_DIR)/faceseal.toml
 	$(BIN)/faceseald serve --config $(DEV_DIR)/faceseal.toml
 
 test: venv gen test-deps lint lint-deploy typecheck buf-lint interop-deps pytest
 
+# `make run` needs the daemon and the stub generator only; `make test` adds the dev tools.
+runtime: $(VENV)/.runtime
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.runtime: pyproject.toml
 	mkdir -p $(GEN)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[gen]'
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
 # Generated protobuf code comes from protos/ only; it is not committed.
 gen: $(GEN)/.generated
 
-$(GEN)/.generated: $(PROTOS) $(VENV)/.installed
+$(GEN)/.generated: $(PROTOS) $(VENV)/.runtime
 	rm -rf gen && mkdir -p $(GEN)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos \
 	  --python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
 	touch $(GEN)/__init__.py $(GEN)/py.typed
 	touch $@
 
-$(DEV_DIR)/faceseal.toml: | venv gen
+$(DEV_DIR)/faceseal.toml: | runtime gen
 	$(BIN)/faceseald init --dev $(DEV_DIR)
 
 dev-pki: $(DEV_DIR)/faceseal.toml
