@@ -100,6 +100,55 @@ def machine_busy() -> float:
     return (user + nice + system + irq + softirq + steal) / TICK
 
 
+PERF_HZ = 499
+
+
+def perf_start(seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """``perf record`` of every CPU for ``seconds`` (no call graphs), or None without perf."""
+    try:
+        return subprocess.Popen(
+            ["perf", "record", "-F", str(PERF_HZ), "-a", "-o", str(out), "--", "sleep", f"{seconds:g}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError:
+        return None
+
+
+def perf_by_library(data: Path, pids: Sequence[int]) -> dict[str, float]:
+    """CPU seconds of the samples taken in ``pids`` (any thread), by shared object."""
+    out = subprocess.run(
+        ["perf", "script", "-i", str(data), "-F", "pid,ip,dso"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    ).stdout
+    wanted = {str(p) for p in pids}
+    by: dict[str, float] = {}
+    for line in out.splitlines():
+        parts = line.split(None, 2)  # "PID IP (DSO)"
+        if len(parts) != 3 or parts[0] not in wanted:
+            continue
+        dso = parts[2].strip().strip("()").rsplit("/", 1)[-1]
+        dso = dso.split(".cpython-")[0].split(".so")[0] or "?"
+        by[dso] = by.get(dso, 0.0) + 1.0 / PERF_HZ
+    return by
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.3) -> float:
+    """Before a window, while our servers idle: wait (at most ``max_wait`` seconds) until the
+    machine's busy CPU over one second is below ``threshold`` cores, i.e. other work on a shared
+    machine has paused. Returns the busy cores last seen (the window runs either way)."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0, t0 = machine_busy(), time.monotonic()
+        time.sleep(1.0)
+        busy = (machine_busy() - b0) / (time.monotonic() - t0)
+        if busy < threshold or time.monotonic() >= deadline:
+            return busy
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -333,6 +382,8 @@ class Load:
     threads: int = 1
     warmup: float = 3.0
     seconds: float = 15.0
+    quiet_wait: float = 0.0  # see wait_quiet
+    perf_dir: Path | None = None  # perf record the window into this folder
 
 
 @dataclass
@@ -355,8 +406,17 @@ class Result:
     raw: dict[str, object]
 
 
-def measure(name: str, server: Server, setup: Setup, load: Load, target: str | None = None) -> Result:
-    """One closed-loop window; CPU counters read at the load generator's phase lines."""
+def measure(
+    name: str,
+    server: Server,
+    setup: Setup,
+    load: Load,
+    target: str | None = None,
+    during: Callable[[], object] | None = None,
+) -> Result:
+    """One closed-loop window; CPU counters read at the load generator's phase lines. ``during``
+    is called when the window opens; what it returns is kept as ``raw["during"]``."""
+    before = wait_quiet(load.quiet_wait) if load.quiet_wait > 0 else float("nan")
     ca, cert, key = setup.client_files()
     cmd = [str(load.binary), "--target", target or setup.target, "--ca", str(ca), "--cert", str(cert)]
     cmd += ["--key", str(key), "--method", MATCH, "--requests", str(setup.requests), "--expect-hex", ANSWER_HEX]
@@ -368,8 +428,16 @@ def measure(name: str, server: Server, setup: Setup, load: Load, target: str | N
         assert proc.stdout is not None
         workers = server.worker_pids()
         marks: dict[str, tuple[float, float, list[float], float, float, int]] = {}
+        seen: object = None
+        profiler: subprocess.Popen[bytes] | None = None
+        perf_data = Path()
         for line in proc.stdout:
             word = line.strip()
+            if word == "phase measure" and during is not None:
+                seen = during()
+            if word == "phase measure" and load.perf_dir is not None:
+                perf_data = load.perf_dir / f"{name.split()[0]}-{time.monotonic_ns()}.data"
+                profiler = perf_start(load.seconds - 0.5, perf_data)
             if word in ("phase measure", "phase done"):
                 marks[word] = (
                     server.cpu(),
@@ -393,6 +461,16 @@ def measure(name: str, server: Server, setup: Setup, load: Load, target: str | N
             proc.wait()
     (s0, l0, w0, m0, t0, x0), (s1, l1, w1, m1, t1, x1) = marks["phase measure"], marks["phase done"]
     wall = t1 - t0
+    raw["during"] = seen
+    raw["busy_before"] = before
+    if profiler is not None:
+        profiler.wait(timeout=60)
+        cpu = perf_by_library(perf_data, server.pids())
+        raw["perf_us_per_call"] = {
+            k: v / max(int(raw["calls"]), 1) * 1e6 * (load.seconds / (load.seconds - 0.5))
+            for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])
+        }  # type: ignore[call-overload]
+        perf_data.unlink(missing_ok=True)
     calls = int(raw["calls"])  # type: ignore[call-overload]
     return Result(
         name=name,
@@ -436,6 +514,121 @@ def scratch(prefix: str) -> Iterator[Path]:
         yield Path(tmp) / "dev"
 
 
+# ------------------------------------------------------------------- in-process breakdown
+
+
+def breakdown(setup: Setup, subjects: int, calls: int = 2000) -> list[tuple[str, float]]:
+    """Single-threaded CPU cost (µs, best of 3 passes of ``calls``) of each per-call step of a
+    Match, run in this process on a Daemon built (not started) from the same setup: what a call
+    costs before any thread or GIL contention. Reads some of the daemon's internals, so a step
+    whose internals moved is skipped rather than failing the benchmark."""
+    import datetime
+    import uuid
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from faceseal.server import validation
+    from faceseal.server.audit.log import AuditEntry
+    from faceseal.server.auth.identity import identity_of
+    from faceseal.server.config import load_config
+    from faceseal.server.daemon import Daemon
+    from faceseal.server.request import RequestInfo, bind, unbind
+
+    daemon = Daemon(load_config(setup.config))
+    out: list[tuple[str, float]] = []
+    try:
+        core = daemon.core
+        core.unseal()
+        policy = daemon.policies.policy
+        caller = policy.resolve("spiffe://faceseal.dev/gateway")
+        assert caller is not None
+        raw = setup.requests.read_bytes()
+        bodies, at = [], 0
+        while at < len(raw):
+            n = struct.unpack("<I", raw[at : at + 4])[0]
+            bodies.append(raw[at + 4 : at + 4 + n])
+            at += 4 + n
+        requests = [faceseal_pb2.MatchRequest.FromString(b) for b in bodies]
+        pem = (setup.directory / "clients" / "gateway.crt").read_bytes()
+        labels = ("unary", "faceseal.v1.FaceSealService", "Match")
+        m = daemon.metrics
+        state = core._state  # internals: the unsealed keyring and galleries
+        assert state is not None
+        gallery = state.galleries[core.resolve_gallery("") or "faces"]
+        refs = [state.barrier.subject_ref(gallery.config.name, r.subject_id) for r in requests]
+        vectors = [validation.vector(r.probe, DIM, "probe") for r in requests]
+        k = len(requests)
+        info = RequestInfo(caller, caller.identity, MATCH, uuid.uuid4().hex)
+
+        def auth(_i: int) -> None:
+            cert = x509.load_pem_x509_certificate(pem)
+            identity = identity_of(cert)
+            policy.revoked.revokes(cert.serial_number, cert.fingerprint(hashes.SHA256()))
+            now = datetime.datetime.now(datetime.UTC)
+            assert cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+            assert identity is not None
+            policy.resolve(identity)
+
+        def request_id(_i: int) -> None:
+            token = bind(RequestInfo(None, "", MATCH, uuid.uuid4().hex))
+            unbind(token)
+
+        def metrics(_i: int) -> None:
+            m.started.labels(*labels).inc()
+            m.handled.labels(*labels, "OK").inc()
+            m.handling.labels(*labels).observe(0.001)
+
+        def audit(i: int) -> None:
+            core.audit.record(AuditEntry("OK", gallery.config.name, requests[i].subject_id, "match"))
+
+        def core_match(i: int) -> None:
+            core.match(caller, "", requests[i].subject_id, requests[i].probe)
+
+        steps: list[tuple[str, Callable[[int], object]]] = [
+            ("parse MatchRequest (both servers)", lambda i: faceseal_pb2.MatchRequest.FromString(bodies[i])),
+            ("metrics interceptor: 2 counters + histogram", metrics),
+            ("auth: PEM parse, SAN, SHA-256, dates, policy", auth),
+            ("request id: uuid4 + contextvar bind", request_id),
+            ("validation.vector (probe -> float32, checks)", lambda i: validation.vector(requests[i].probe, DIM, "p")),
+            (
+                "subject_ref (HMAC-SHA256)",
+                lambda i: state.barrier.subject_ref(gallery.config.name, requests[i].subject_id),
+            ),
+            (
+                "guard.check_match (2 SQLite reads)",
+                lambda i: core.guard.check_match(caller, gallery.config.name, refs[i]),
+            ),
+            ("gallery.match (lookup + L2)", lambda i: gallery.match(requests[i].subject_id, refs[i], vectors[i])),
+            (
+                "guard.record_match, success (1 SQLite read)",
+                lambda i: core.guard.record_match(caller, gallery.config, refs[i], vectors[i], True),
+            ),
+            ("audit.record (HMAC chain, JSON, write)", audit),
+            ("core.match (the servicer's whole body)", core_match),
+        ]
+        token = bind(info)
+        try:
+            for name, fn in steps:
+                best = float("inf")
+                try:
+                    for _ in range(3):
+                        t = time.perf_counter()
+                        for j in range(calls):
+                            fn(j % k)
+                        best = min(best, (time.perf_counter() - t) / calls)
+                except Exception as exc:  # internals changed: report, do not fail the benchmark
+                    print(f"  breakdown step {name!r} skipped: {type(exc).__name__}: {exc}")
+                    continue
+                out.append((name, best * 1e6))
+        finally:
+            unbind(token)
+    finally:
+        daemon.store.close()
+        daemon.core.audit.close()
+    return out
+
+
 @dataclass
 class Contender:
     name: str
@@ -458,13 +651,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--max-workers", type=int, help="server.max_workers for both servers (default: the daemon's, 16)"
     )
     parser.add_argument("--guard-off", action="store_true", help="also measure a daemon with [guard] enabled = false")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="before each window wait up to this many seconds for other load to pause (default 30; 0: never)",
+    )
+    parser.add_argument(
+        "--perf", action="store_true", help="profile each server in round 1 with perf (CPU per call by library)"
+    )
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the in-process per-step costs")
     parser.add_argument("--json", type=Path, help="also write every window's figures here")
     args = parser.parse_args(argv)
-    if not (0 < args.seconds <= 120 and 0 <= args.warmup <= 60 and 1 <= args.rounds <= 10):
-        parser.error("keep it bounded: 0 < --seconds <= 120, --warmup <= 60, 1 <= --rounds <= 10")
+    if not (0 < args.seconds <= 120 and 0 <= args.warmup <= 60 and 1 <= args.rounds <= 10 and args.quiet_wait <= 600):
+        parser.error("keep it bounded: 0 < --seconds <= 120, --warmup <= 60, 1 <= --rounds <= 10, --quiet-wait <= 600")
 
     binary = build_loadgen()
-    load = Load(binary, args.channels, args.concurrency, args.threads, args.warmup, args.seconds)
+    load = Load(binary, args.channels, args.concurrency, args.threads, args.warmup, args.seconds, args.quiet_wait)
     print(f"machine: {machine()}")
     print(
         f"load: {load.channels} TLS connections, {load.concurrency} calls outstanding, {load.threads} loadgen "
@@ -495,11 +698,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.subjects} subjects (one template each), genuine probes; daemon pid {daemon.procs[0].pid}",
             flush=True,
         )
+        perf_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="faceseal-perf-"))
         for i in range(args.rounds):
             print(f"round {i + 1}/{args.rounds}", flush=True)
+            load.perf_dir = Path(perf_dir) if args.perf and i == 0 else None
             for c in contenders:
                 c.results.append(measure(c.name, c.server, c.setup, load, c.target))
                 print(row(c.results[-1]), flush=True)
+        steps: list[tuple[str, float]] = []
+        if not args.no_breakdown:
+            daemon.stop()  # the in-process copy opens the same store and binds the same port
+            steps = breakdown(setup, args.subjects)
 
     metrics: list[tuple[str, Callable[[Result], float], str, str, float, bool]] = [
         ("server CPU per call", lambda r: r.server_cpu_us, "us", "<= 1.1x", 1.1, False),
@@ -530,11 +739,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"  {label:<22} {a:10.1f} {unit:<5} {b:10.1f} {unit:<5} {ratio:9.2f}  {target + ' ' + verdict:<15}{cells}"
         )
+    profiles = {c.name: c.results[0].raw.get("perf_us_per_call") for c in contenders}
+    if any(profiles.values()):
+        libraries: list[str] = []
+        for prof in profiles.values():
+            for lib in prof or {}:  # type: ignore[attr-defined]
+                if lib not in libraries:
+                    libraries.append(lib)
+        print("\nwhere the server's CPU went in round 1 (perf, us per call by library)")
+        print(f"  {'':<28} {'ours':>8} {'echo':>8} {'ours-echo':>9}")
+        for lib in libraries[:12]:
+            a = (profiles[ours.name] or {}).get(lib, 0.0)  # type: ignore[attr-defined]
+            b = (profiles[echo.name] or {}).get(lib, 0.0)  # type: ignore[attr-defined]
+            print(f"  {lib:<28} {a:8.1f} {b:8.1f} {a - b:+9.1f}")
+    if steps:
+        print("\nin-process, one thread, no gRPC: CPU per Match step (best of 3 x 2000 calls)")
+        for name, us in steps:
+            print(f"  {name:<48} {us:7.1f} us")
     if args.json:
+        everything = {c.name: [r.__dict__ for r in c.results] for c in contenders}
         args.json.write_text(
-            json.dumps(
-                {"machine": machine(), **{c.name: [r.__dict__ for r in c.results] for c in contenders}}, indent=1
-            ),
+            json.dumps({"machine": machine(), "breakdown_us": dict(steps), **everything}, indent=1),
             encoding="utf-8",
         )
     return 0

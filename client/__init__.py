@@ -9,6 +9,11 @@
 
     with AdminClient.from_profile("admin") as admin:
         print(admin.status().active_version)
+
+    with FaceSealClient.from_profile("enroller") as client:  # one BulkEnroll stream per call
+        refused = [r for r in client.bulk_enroll(zip(ids, encodings)) if not r.ok]
+
+``faceseal import FILE`` (cli.py, _import.py) sends a whole file that way, in resumable batches.
 """
 
 from faceseal.client._admin import AdminClient, GalleryStatus, KeyVersion, RewrapProgress, Status
