@@ -17,12 +17,19 @@ setup and concurrency, in the same run.
 Server CPU is utime + stime of the server process (all its threads) from /proc/PID/stat, read
 when the load generator opens and closes its measured window, divided by the calls completed in
 the window. Rounds alternate ours / echo (both servers stay up, the idle one costs nothing
-measurable); the table shows the median of the rounds. Nothing is pinned: the server and the
-load generator share the two cores as the scheduler likes. The machine-wide CPU not spent by
-the server or the load generator during each window is shown as "other" (other sessions' work
-on a shared machine disturbs QPS and latency far more than CPU per call).
+measurable); the table shows the median of the rounds. Nothing is pinned unless ``--pin`` (each
+server on CPU 0, the load generator on CPU 1): the server and the load generator share the two
+cores as the scheduler likes. The machine-wide CPU not spent by the server or the load generator
+during each window is shown as "other" (other sessions' work on a shared machine disturbs QPS
+and latency far more than CPU per call); ``--quiet-wait`` holds each window back, for a while,
+until such work pauses.
+
+Also printed: ``--perf``, where each server's CPU went in round 1 (``perf record`` of every CPU,
+the server's samples by shared library, in µs per call; needs Debian's ``linux-perf`` and root),
+and, unless ``--no-breakdown``, the single-threaded in-process cost of each step of a Match.
 
     .venv/bin/python bench/match_vs_echo.py                 # 3 rounds of 15 s each
+    .venv/bin/python bench/match_vs_echo.py --guard-off --perf --pin
     .venv/bin/python bench/match_vs_echo.py --rounds 1 --seconds 5
 
 Targets (issue "Scale"): server CPU per call <= 1.1x echo's, QPS >= 0.9x, p99 <= 1.2x.
@@ -40,6 +47,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +90,17 @@ def ctx_switches(pid: int) -> int:
                     if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                         total += int(line.split()[1])
     return total
+
+
+def pin(pid: int, cpus: set[int]) -> int:
+    """Restrict every thread of ``pid`` to ``cpus``; returns how many threads there were. Threads
+    started later inherit the mask of the thread that starts them, which is set too."""
+    count = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)
+            count += 1
+    return count
 
 
 def children(pid: int) -> list[int]:
@@ -383,6 +402,7 @@ class Load:
     warmup: float = 3.0
     seconds: float = 15.0
     quiet_wait: float = 0.0  # see wait_quiet
+    pin: bool = False  # server processes on CPU 0, the load generator on CPU 1
     perf_dir: Path | None = None  # perf record the window into this folder
 
 
@@ -422,8 +442,14 @@ def measure(
     cmd += ["--key", str(key), "--method", MATCH, "--requests", str(setup.requests), "--expect-hex", ANSWER_HEX]
     cmd += ["--channels", str(load.channels), "--concurrency", str(load.concurrency), "--threads", str(load.threads)]
     cmd += ["--warmup", str(load.warmup), "--seconds", str(load.seconds)]
+    if load.pin:
+        for pid in server.pids():
+            pin(pid, {0})
+        cmd = ["taskset", "-c", "1", *cmd]  # taskset execs the load generator: same PID, every thread on CPU 1
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     limit = time.monotonic() + load.warmup + load.seconds + 60
+    watchdog = threading.Timer(load.warmup + load.seconds + 60, proc.kill)  # a hung client cannot block the run
+    watchdog.start()
     try:
         assert proc.stdout is not None
         workers = server.worker_pids()
@@ -456,6 +482,7 @@ def measure(
             raise RuntimeError(f"the load generator printed no result: {proc.stderr.read() if proc.stderr else ''}")
         proc.wait(timeout=max(1.0, limit - time.monotonic()))
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -657,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=30.0,
         help="before each window wait up to this many seconds for other load to pause (default 30; 0: never)",
     )
+    parser.add_argument("--pin", action="store_true", help="pin each server to CPU 0 and the load generator to CPU 1")
     parser.add_argument(
         "--perf", action="store_true", help="profile each server in round 1 with perf (CPU per call by library)"
     )
@@ -667,11 +695,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("keep it bounded: 0 < --seconds <= 120, --warmup <= 60, 1 <= --rounds <= 10, --quiet-wait <= 600")
 
     binary = build_loadgen()
-    load = Load(binary, args.channels, args.concurrency, args.threads, args.warmup, args.seconds, args.quiet_wait)
+    load = Load(
+        binary, args.channels, args.concurrency, args.threads, args.warmup, args.seconds, args.quiet_wait, args.pin
+    )
     print(f"machine: {machine()}")
     print(
         f"load: {load.channels} TLS connections, {load.concurrency} calls outstanding, {load.threads} loadgen "
-        f"thread(s); server thread pool: {args.max_workers or 16}; nothing pinned"
+        f"thread(s); server thread pool: {args.max_workers or 16}; "
+        + ("each server pinned to CPU 0, the load generator to CPU 1" if args.pin else "nothing pinned")
     )
     contenders: list[Contender] = []
     with contextlib.ExitStack() as stack:

@@ -46,21 +46,11 @@ from match_vs_echo import (  # bench/ is sys.path[0]
     machine,
     make_setup,
     measure,
+    pin,
     scratch,
     start_daemon,
     start_echo,
 )
-
-
-def pin(pid: int, cpus: set[int]) -> int:
-    """Restrict every thread of ``pid`` to ``cpus``; returns how many threads there were. Threads
-    started later inherit the mask of the thread that starts them, which is set too."""
-    count = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(task.name), cpus)
-            count += 1
-    return count
 
 
 def affinity(pid: int) -> str:
