@@ -56,10 +56,12 @@ class MetricsInterceptor(_Interceptor):
             m.handled.labels(*labels, code.name).inc()
             m.handling.labels(*labels).observe(time.perf_counter() - start)
 
-        if kind == "unary":
-            inner = handler.unary_unary
+        if kind in ("unary", "client_stream"):
+            # One request or a request iterator in, one response out: timed the same way.
+            inner = handler.unary_unary if kind == "unary" else handler.stream_unary
+            factory = grpc.unary_unary_rpc_method_handler if kind == "unary" else grpc.stream_unary_rpc_method_handler
 
-            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            def single(request: Any, context: grpc.ServicerContext) -> Any:
                 m.started.labels(*labels).inc()
                 start, failed = time.perf_counter(), True
                 try:
@@ -69,8 +71,8 @@ class MetricsInterceptor(_Interceptor):
                 finally:
                     finish(context, start, failed)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
+            return factory(
+                single,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -115,24 +117,6 @@ class MetricsInterceptor(_Interceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if kind == "client_stream":
-            inner_client = handler.stream_unary
-
-            def client_stream(requests: Any, context: grpc.ServicerContext) -> Any:
-                m.started.labels(*labels).inc()
-                start, failed = time.perf_counter(), True
-                try:
-                    response = inner_client(requests, context)
-                    failed = False
-                    return response
-                finally:
-                    finish(context, start, failed)
-
-            return grpc.stream_unary_rpc_method_handler(
-                client_stream,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
