@@ -274,3 +274,42 @@ def test_secret_key_must_be_32_bytes(size: int) -> None:
     with pytest.raises(ValueError, match="32 bytes") as info:
         SecretKey(b"k" * size)
     assert "k" * 8 not in str(info.value)
+
+
+def test_open_many_opens_what_open_opens_and_refuses_each_edited_row(barrier: Barrier, keyring: Keyring) -> None:
+    """The batched path of unseal: every row as ``open`` would, a failed row only as None."""
+    rng = np.random.default_rng(4)
+    rows: list[TemplateRow] = []
+    for i in range(12):
+        sid, tid = f"subject-{i}", f"{i:032x}"
+        sealed = barrier.seal("g", sid, tid, rng.standard_normal(8).astype(np.float32))
+        rows.append(
+            TemplateRow(
+                "g", barrier.subject_ref("g", sid), tid, sealed.key_version, sealed.subject_blob, sealed.template_blob
+            )
+        )
+    flipped = bytearray(rows[3].template_blob)
+    flipped[-1] ^= 1
+    edits = {
+        3: dataclasses.replace(rows[3], template_blob=bytes(flipped)),
+        5: dataclasses.replace(rows[5], subject_ref=rows[6].subject_ref),  # moved to another subject
+        7: dataclasses.replace(rows[7], key_version=rows[7].key_version + 1),
+        9: dataclasses.replace(rows[9], template_blob=rows[9].template_blob[:-4]),  # wrong length
+        11: dataclasses.replace(rows[11], subject_blob=rows[10].subject_blob),  # another row's subject
+    }
+    edited = [edits.get(i, r) for i, r in enumerate(rows)]
+    ids, matrix = barrier.open_many("g", edited, 8)
+    assert matrix.shape == (12, 8)
+    assert matrix.dtype == np.float32
+    for i, row in enumerate(edited):
+        sealed = SealedTemplate(row.key_version, row.subject_blob, row.template_blob)
+        if i in edits:
+            assert ids[i] is None
+            with pytest.raises(IntegrityError):
+                barrier.open("g", row.subject_ref, row.template_id, sealed, 8)
+            continue
+        subject_id, vector = barrier.open("g", row.subject_ref, row.template_id, sealed, 8)
+        assert ids[i] == subject_id == f"subject-{i}"
+        np.testing.assert_array_equal(matrix[i], vector)
+    assert barrier.open_many("g", [], 8)[1].shape == (0, 8)
+    assert Barrier(keyring).subject_ref("g", "x") == barrier.subject_ref("g", "x")

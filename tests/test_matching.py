@@ -365,3 +365,158 @@ def test_identify_never_returns_a_poisoned_subject() -> None:
     g.add("bob", "t2", t + 0.01, subject_ref=_ref("bob"))
     g.poison(_ref("alice"))  # another row of alice's failed to open at unseal
     assert [h.subject_id for h in g.identify(t, 5)] == ["bob"]
+
+
+# -- the gallery's bookkeeping ---------------------------------------------------------------------
+
+
+def _hex_id(i: int) -> str:
+    return f"{i:032x}"  # the daemon's form (32 lowercase hex digits), kept as 16 bytes
+
+
+def test_remove_moves_the_last_rows_of_multi_template_subjects_into_the_holes() -> None:
+    rng = np.random.default_rng(8)
+    g = Gallery(_cfg(dim=6), capacity=3)
+    # Interleaved: removing "a" (rows 0, 2, 5) moves rows of "b" and "c" (each with several
+    # templates, one of them the last row) into the holes.
+    order = ["a", "b", "a", "c", "b", "a", "c", "b", "c"]
+    templates: dict[str, list[np.ndarray]] = {}
+    for i, sid in enumerate(order):
+        t = rng.standard_normal(6).astype(np.float32)
+        templates.setdefault(sid, []).append(t)
+        g.add(sid, _hex_id(i) if i % 2 else f"odd-{i}", t, subject_ref=_ref(sid))
+    g.remove("a", _ref("a"))
+    assert g.size() == (2, 6)
+    for sid in ("b", "c"):
+        assert g.template_count(sid) == 3
+        assert g.template_count(sid, _ref(sid)) == 3
+        for t in templates[sid]:
+            assert g.match(sid, _ref(sid), t) == 0.0
+        got = {h.subject_id: h.distance for h in g.identify(templates[sid][1], top_k=5)}
+        assert got[sid] == 0.0
+    assert g.template_count("a") == 0
+    # Removing the rest one subject at a time leaves an empty gallery that still works.
+    g.remove_ref(_ref("c"))
+    assert g.size() == (1, 3)
+    assert g.match("b", _ref("b"), templates["b"][2]) == 0.0
+    g.remove("b", _ref("b"))
+    assert g.size() == (0, 0)
+    assert g.identify(templates["b"][0], top_k=3) == []
+    g.add("b", "again", templates["b"][0], subject_ref=_ref("b"))
+    assert g.match("b", _ref("b"), templates["b"][0]) == 0.0
+
+
+@pytest.mark.parametrize("bulk", [False, True])
+def test_has_template_follows_adds_and_removes(bulk: bool) -> None:
+    g = Gallery(_cfg(), capacity=1)
+    ids = [_hex_id(i) for i in range(100)] + [f"t{i}" for i in range(100)]
+    assert _hex_id(0xAB) not in ids
+    vectors = np.ones((len(ids), 4), dtype=np.float32)
+    entries = [(f"s{i % 70}", tid, _ref(f"s{i % 70}")) for i, tid in enumerate(ids)]
+    if bulk:  # the unseal path: the index is rebuilt on the first lookup
+        g.add_many(entries, vectors)
+    else:
+        for (sid, tid, ref), v in zip(entries, vectors, strict=True):
+            g.add(sid, tid, v, subject_ref=ref)
+    assert all(g.has_template(t) for t in ids)
+    assert not g.has_template(_hex_id(100))
+    assert not g.has_template(_hex_id(0xAB).upper())  # ids are compared as given, not as numbers
+    assert not g.has_template("t100")
+    assert g.size() == (70, 200)
+    g.remove("s5", _ref("s5"))  # rows 5, 75, 145
+    gone = {ids[5], ids[75], ids[145]}
+    assert [t for t in ids if not g.has_template(t)] == sorted(gone, key=ids.index)
+    g.add("s5", ids[75], vectors[0], subject_ref=_ref("s5"))  # re-enrolled under an old id
+    assert g.has_template(ids[75])
+    assert not g.has_template(ids[5])
+    g.add("s6", "fresh", vectors[0], subject_ref=_ref("s6"), replace=True)
+    assert not any(g.has_template(ids[i]) for i in (6, 76, 146))
+    assert g.has_template("fresh")
+    assert g.template_count("s6", _ref("s6")) == 1
+
+
+def test_many_single_removals_keep_ids_and_index_consistent() -> None:
+    """Enough removals to compact the subject-id arena and re-sort the template index."""
+    rng = np.random.default_rng(12)
+    g = Gallery(_cfg(dim=3))
+    n = 3000
+    vectors = rng.standard_normal((n, 3)).astype(np.float32)
+    sids = [f"subject-{i:06d}-{'x' * (i % 40)}" for i in range(n)]
+    g.add_many([(sids[i], _hex_id(i), _ref(sids[i])) for i in range(n)], vectors)
+    removed = set(rng.choice(n, size=2200, replace=False).tolist())
+    for i in sorted(removed):
+        g.remove(sids[i], _ref(sids[i]))
+        g.add(sids[i] if i % 7 == 0 else sids[i] + "-back", f"back-{i}", vectors[i], subject_ref=_ref(sids[i]))
+    for i in range(n):
+        sid = sids[i] if i not in removed or i % 7 == 0 else sids[i] + "-back"
+        assert g.has_template(_hex_id(i)) == (i not in removed)
+        assert g.has_template(f"back-{i}") == (i in removed)
+        assert g.match(sid, _ref(sids[i]), vectors[i]) == 0.0
+        hits = g.identify(vectors[i], top_k=1)
+        assert (hits[0].distance, hits[0].subject_id) == (0.0, sid)
+
+
+def test_poison_hides_a_subject_from_identify_and_survives_its_rows_moving() -> None:
+    g = Gallery(_cfg(dim=2, threshold=5.0))
+    a, b, c = (np.array(v, dtype=np.float32) for v in ([1, 0], [0, 1], [1, 1]))
+    g.add("a", "ta", a, subject_ref=_ref("a"))
+    g.add("b", "tb", b, subject_ref=_ref("b"))
+    g.add("c", "tc", c, subject_ref=_ref("c"))
+    g.poison(_ref("c"))
+    g.remove("a", _ref("a"))  # c's row moves into a's slot; it stays poisoned
+    assert [h.subject_id for h in g.identify(c, top_k=3)] == ["b"]
+    with pytest.raises(IntegrityError):
+        g.match("c", _ref("c"), c)
+    g.clear_poison(_ref("c"))
+    assert g.match("c", _ref("c"), c) == 0.0
+    assert {h.subject_id for h in g.identify(c, top_k=3)} == {"b", "c"}
+
+
+def test_capacity_hint_and_growth() -> None:
+    g = Gallery(_cfg(dim=2), capacity=10)
+    v = np.ones((10, 2), dtype=np.float32)
+    g.add_many([(f"s{i}", f"t{i}", _ref(f"s{i}")) for i in range(10)], v)
+    g.add("late", "tl", np.array([2, 2], dtype=np.float32), subject_ref=_ref("late"))  # grows past the hint
+    assert g.size() == (11, 11)
+    assert g.match("late", _ref("late"), np.array([2, 2], dtype=np.float32)) == 0.0
+    assert g.match("s9", _ref("s9"), v[0]) == 0.0
+
+
+def test_hit_repr_names_no_subject() -> None:
+    g = Gallery(_cfg())
+    g.add("alice-secret-id", "t", np.ones(4, dtype=np.float32), subject_ref=_ref("alice"))
+    (hit,) = g.identify(np.ones(4, dtype=np.float32), top_k=1)
+    assert "alice" not in repr(hit)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_exact_one_is_bit_for_bit_exact(metric: str) -> None:
+    rng = np.random.default_rng(21)
+    for _ in range(200):
+        rows = (rng.standard_normal((3, 128)) * rng.uniform(0.01, 100)).astype(np.float32)
+        probe = rng.standard_normal(128).astype(np.float32)
+        got = [distance.exact_one(r, probe, metric) for r in rows]  # type: ignore[arg-type]
+        assert got == [float(distance.exact(r[np.newaxis], probe, metric)[0]) for r in rows]  # type: ignore[arg-type]
+        if metric == "euclidean":  # and the same as the batch that Identify re-scores
+            assert got == distance.exact(rows, probe, metric).tolist()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param([1e300, 1.0, 1.0, 1.0], id="beyond-float32"),
+        pytest.param([-3.5e38, 1.0, 1.0, 1.0], id="just-beyond-float32"),
+        pytest.param([1e-50, 0.0, 0.0, 0.0], id="underflows-to-zero"),
+        pytest.param([1e-11, 0.0, 0.0, 0.0], id="too-short"),
+        pytest.param([1e10, 1e9, 0.0, 0.0], id="too-long"),
+    ],
+)
+def test_vector_rejects_edge_values_without_a_warning(values: list[float]) -> None:
+    # Tests run with warnings as errors: a numpy overflow warning would surface as a failure here.
+    with pytest.raises(InvalidArgument):
+        validation.vector(values, 4, "probe")
+
+
+def test_vector_accepts_the_extremes_of_the_norm_range() -> None:
+    for values in ([1e-10, 0.0, 0.0, 0.0], [1e10, 0.0, 0.0, 0.0], [3e9, 3e9, -3e9, 3e9]):
+        assert validation.vector(values, 4, "probe").dtype == np.float32

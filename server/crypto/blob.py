@@ -60,8 +60,20 @@ def parse(blob: bytes) -> ParsedBlob:
     return ParsedBlob(key_version, bytes(blob[5:HEADER_BYTES]), bytes(blob[HEADER_BYTES:]))
 
 
+def field(part: bytes) -> bytes:
+    """One length-prefixed field of associated data."""
+    return len(part).to_bytes(4, "big") + part
+
+
 def _fields(*parts: bytes) -> bytes:
-    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+    return b"".join(map(field, parts))
+
+
+def aad_prefixes(gallery: str) -> tuple[bytes, bytes]:
+    """(subject, template) associated data up to the gallery: the part every row of a gallery
+    shares, so opening a million rows builds it once. The rest follows the functions below."""
+    name = field(gallery.encode())
+    return field(SUBJECT_CONTEXT) + name, field(TEMPLATE_CONTEXT) + name
 
 
 def template_aad(gallery: str, subject_id: str, template_id: str, key_version: int) -> bytes:
