@@ -27,10 +27,10 @@ from prometheus_client import CollectorRegistry
 
 from faceseal.server import hygiene, logs, workers
 from faceseal.server.api import admin
-from faceseal.server.api.observe import MetricsInterceptor
+from faceseal.server.api.edge import Edge
 from faceseal.server.api.service import PERMISSIONS, FaceSealServicer
 from faceseal.server.audit.log import AuditEntry
-from faceseal.server.auth.interceptor import AuthInterceptor, PolicyHolder
+from faceseal.server.auth.interceptor import Authenticator, PolicyHolder
 from faceseal.server.auth.policy import load_policy
 from faceseal.server.config import Config, ServerConfig, for_worker, load_config, split_address
 from faceseal.server.core import Core
@@ -123,27 +123,27 @@ class Daemon:
         self._follower: threading.Thread | None = None
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="rpc"),
-            interceptors=[
-                MetricsInterceptor(self.metrics),
-                AuthInterceptor(
-                    self.policies,
-                    PERMISSIONS | admin.PERMISSIONS,
-                    self.metrics,
-                    self._audit_failure,
-                    reflection_streams=config.server.max_reflection_streams,
-                ),
-            ],
             options=server_options(config.server),
             # Calls queued for or running on a worker; beyond it grpc answers RESOURCE_EXHAUSTED.
             maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
         )
-        faceseal_pb2_grpc.add_FaceSealServiceServicer_to_server(FaceSealServicer(self.core), self.server)
-        admin_pb2_grpc.add_FaceSealAdminServiceServicer_to_server(admin.FaceSealAdminServicer(self.core), self.server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        # No grpc interceptors (they run per call): every handler is wrapped once, here.
+        self.authenticator = Authenticator(
+            self.policies,
+            PERMISSIONS | admin.PERMISSIONS,
+            self.metrics,
+            self._audit_failure,
+            reflection_streams=config.server.max_reflection_streams,
         )
+        edge = Edge(self.metrics, self.authenticator)
+        faceseal_pb2_grpc.add_FaceSealServiceServicer_to_server(FaceSealServicer(self.core), edge.server)
+        admin_pb2_grpc.add_FaceSealAdminServiceServicer_to_server(admin.FaceSealAdminServicer(self.core), edge.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, edge.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), edge.server
+        )
+        edge.register(self.server)
         credentials = grpc.dynamic_ssl_server_credentials(
             self._certs.initial,
             self._certs.fetch,  # type: ignore[arg-type]  # grpc accepts None: "no change"

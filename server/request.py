@@ -8,6 +8,7 @@ without the core passing identities around.
 from __future__ import annotations
 
 import contextvars
+import os
 from dataclasses import dataclass, field
 
 from faceseal.server.auth.policy import Caller
@@ -25,6 +26,13 @@ class RequestInfo:
 
 
 _current: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar("faceseal_request", default=None)
+
+
+def new_request_id() -> str:
+    """32 hex digits from the OS's CSPRNG: unique for correlation, and unlike a counter it tells a
+    caller nothing about other callers' traffic. A quarter of uuid4's cost, which builds a UUID
+    object around the same 16 random bytes."""
+    return os.urandom(16).hex()
 
 
 def current() -> RequestInfo | None:

@@ -1,16 +1,22 @@
 """Authentication at the edge: every call is tied to a policy Caller before its handler runs.
 
-grpc's Python interceptors see only the method name, not the peer, so (as in grpc's own auth
-examples) the interceptor wraps the handler: the wrapper reads the verified peer certificate
-from the call's auth context, resolves it against the current policy, and refuses with
-UNAUTHENTICATED (unknown identity) or PERMISSION_DENIED (no such permission anywhere) before
-the servicer is entered. Per-gallery checks happen in the core, which knows the gallery.
+Each method handler is wrapped once, at startup (``api/edge.py`` collects the generated handlers
+and registers the wrapped ones): the wrapper reads the verified peer certificate from the call's
+auth context, resolves it against the current policy, and refuses with UNAUTHENTICATED (unknown
+identity) or PERMISSION_DENIED (no such permission anywhere) before the servicer is entered.
+Per-gallery checks happen in the core, which knows the gallery. (grpc's server interceptors were
+the first way of doing this, but they run per call and had to build a new handler each time.)
 
 Before any policy lookup, on every call (the open services included), the certificate itself is
 checked: one on the policy's ``[revoked]`` list, or past its validity period, is refused with
 UNAUTHENTICATED. TLS checks validity only at the handshake and a connection may live for days;
 checking per call means a revocation (on SIGHUP) or an expiry also ends an existing connection's
 access at its next call.
+
+Parsing the certificate is the expensive part of that, and its result never changes, so what the
+checks need from it (identity, serial, fingerprint, validity period) is kept per certificate in a
+bounded cache. The checks themselves still run per call against the policy in force, so a SIGHUP
+or the passing of ``notAfter`` takes effect at the next call exactly as without the cache.
 
 Reflection streams hold a worker thread for as long as the client keeps them open, so at most
 ``reflection_streams`` may be open at once; more are refused with RESOURCE_EXHAUSTED rather than
@@ -25,21 +31,22 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
+import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from prometheus_client import Counter
 
 from faceseal.server.api.errors import abort
 from faceseal.server.auth.identity import identity_of
 from faceseal.server.auth.policy import Caller, Permission, Policy
 from faceseal.server.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
-from faceseal.server.metrics import Metrics
-from faceseal.server.request import RequestInfo, bind, current, unbind
+from faceseal.server.metrics import DENIAL_REASONS, Metrics
+from faceseal.server.request import RequestInfo, bind, current, new_request_id, unbind
 
 log = logging.getLogger("faceseal.auth")
 
@@ -58,10 +65,9 @@ STREAM_BEHAVIOUR_ATTRIBUTES = ("experimental_non_blocking", "experimental_thread
 # Called with (request, final status code) for a call that ended without an audit record.
 FailureAudit = Callable[[Any, grpc.StatusCode], None]
 
-if TYPE_CHECKING:
-    _Interceptor = grpc.ServerInterceptor[Any, Any]
-else:  # the stubs make it generic; the runtime class is not subscriptable
-    _Interceptor = grpc.ServerInterceptor
+# Certificates (and, per policy, identities) remembered. Every client certificate our CA issued
+# to a live client fits many times over; past it the oldest entry goes, costing one re-parse.
+PEER_CACHE_SIZE = 1024
 
 
 class PolicyHolder:
@@ -88,8 +94,60 @@ def caller() -> Caller:
     return info.caller
 
 
-class AuthInterceptor(_Interceptor):
-    """Maps each method to the permission it needs and refuses callers that lack it."""
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """What the per-call checks need from a verified peer certificate, parsed once."""
+
+    identity: str | None
+    serial: int
+    sha256: bytes
+    not_before: float  # POSIX seconds, compared with time.time() per call
+    not_after: float
+
+    @classmethod
+    def parse(cls, pem: bytes) -> Peer:
+        cert = x509.load_pem_x509_certificate(pem)
+        return cls(
+            identity_of(cert),
+            cert.serial_number,
+            cert.fingerprint(hashes.SHA256()),
+            cert.not_valid_before_utc.timestamp(),
+            cert.not_valid_after_utc.timestamp(),
+        )
+
+
+class PeerCache:
+    """Parsed certificates by their PEM bytes, at most ``size``, the oldest evicted first.
+
+    Keyed by the whole PEM, not a serial or a name: two certificates only share an entry if they
+    are the same certificate. Lookups take no lock (a dict read is atomic); inserts do, so that
+    concurrent evictions cannot remove the same entry twice.
+    """
+
+    def __init__(self, size: int = PEER_CACHE_SIZE) -> None:
+        self._size = max(1, size)
+        self._peers: dict[bytes, Peer] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def __contains__(self, pem: object) -> bool:
+        return pem in self._peers
+
+    def get(self, pem: bytes) -> Peer:
+        peer = self._peers.get(pem)
+        if peer is None:
+            peer = Peer.parse(pem)  # outside the lock: a parse error or a slow parse blocks nobody
+            with self._lock:
+                while len(self._peers) >= self._size:
+                    del self._peers[next(iter(self._peers))]
+                self._peers[pem] = peer
+        return peer
+
+
+class Authenticator:
+    """Wraps each method's handler to refuse callers that lack the permission it needs."""
 
     def __init__(
         self,
@@ -99,72 +157,80 @@ class AuthInterceptor(_Interceptor):
         audit_failure: FailureAudit,
         *,
         reflection_streams: int = 2,
+        cache_size: int = PEER_CACHE_SIZE,
     ) -> None:
-        self._metrics = metrics
         self._policies = policies
         self._permissions = permissions
         self._audit_failure = audit_failure
         self._reflection_streams = threading.BoundedSemaphore(reflection_streams) if reflection_streams else None
+        self._denied: dict[str, Counter] = {reason: metrics.auth_denied.labels(reason) for reason in DENIAL_REASONS}
+        self.peers = PeerCache(cache_size)
+        self._cache_size = cache_size
+        # Policy.resolve scans every rule; its answer depends only on the policy and the identity,
+        # so it is kept per identity for the policy it came from and dropped with that policy.
+        self._callers: tuple[Policy | None, dict[str, Caller | None]] = (None, {})
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(details)
-        method: str = details.method
-        if handler is None:
-            return handler
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` (of ``method``, "/package.Service/Name") behind authentication; once per method."""
         if method.startswith(OPEN_SERVICES):
             return self._wrap_open(handler, method)
-        permission = self._permissions.get(method)
-        return self._wrap(handler, method, permission)
+        return self._wrap(handler, method, self._permissions.get(method))
 
-    @staticmethod
-    def _peer(context: grpc.ServicerContext) -> x509.Certificate | None:
+    def _peer(self, context: grpc.ServicerContext) -> Peer | None:
         """The peer's verified leaf certificate (the handshake checked its chain against our CA)."""
-        raw: bytes | list[bytes] = context.auth_context().get("x509_pem_cert") or []
-        pems = [raw] if isinstance(raw, bytes) else list(raw)
-        return x509.load_pem_x509_certificate(pems[0]) if pems else None
+        raw: bytes | list[bytes] | None = context.auth_context().get("x509_pem_cert")
+        if not raw:
+            return None
+        return self.peers.get(raw if isinstance(raw, bytes) else raw[0])
 
-    def _refuse_untrusted(
-        self, context: grpc.ServicerContext, policy: Policy, cert: x509.Certificate, method: str
-    ) -> None:
+    def _resolve(self, policy: Policy, identity: str) -> Caller | None:
+        cached_policy, callers = self._callers
+        if cached_policy is not policy:  # first call under a new policy: forget the old answers
+            callers = {}
+            self._callers = (policy, callers)
+        try:
+            return callers[identity]
+        except KeyError:
+            pass
+        found = policy.resolve(identity)
+        if len(callers) < self._cache_size:  # beyond it, resolve per call rather than grow
+            callers[identity] = found
+        return found
+
+    def _refuse_untrusted(self, context: grpc.ServicerContext, policy: Policy, peer: Peer, method: str) -> None:
         """Refuse a certificate on the revocation list, or outside its validity period: the
         handshake checked the dates, but the connection may be older than the certificate's
         remaining life."""
-        fingerprint = cert.fingerprint(hashes.SHA256())
-        if policy.revoked.revokes(cert.serial_number, fingerprint):
+        if policy.revoked.revokes(peer.serial, peer.sha256):
             log.warning(
                 "revoked certificate refused",
-                extra={"reason": "revoked", "sha256": fingerprint.hex(), "method": method},
+                extra={"reason": "revoked", "sha256": peer.sha256.hex(), "method": method},
             )
-            self._metrics.auth_denied.labels("revoked").inc()
+            self._denied["revoked"].inc()
             abort(context, Unauthenticated("this certificate has been revoked"))
-        now = datetime.now(UTC)
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        if not peer.not_before <= time.time() <= peer.not_after:
             log.warning(
                 "expired certificate refused",
-                extra={"reason": "expired", "sha256": fingerprint.hex(), "method": method},
+                extra={"reason": "expired", "sha256": peer.sha256.hex(), "method": method},
             )
-            self._metrics.auth_denied.labels("expired").inc()
+            self._denied["expired"].inc()
             abort(context, Unauthenticated("this certificate is outside its validity period"))
 
     def _authenticate(self, context: grpc.ServicerContext, info: RequestInfo, permission: Permission | None) -> None:
         policy = self._policies.policy  # one policy for the whole check, even across a SIGHUP
-        cert = self._peer(context)
-        identity = identity_of(cert) if cert is not None else None
+        peer = self._peer(context)
+        identity = peer.identity if peer is not None else None
         info.identity = identity or ""  # set first, so a refusal below is logged and audited with it
-        if cert is not None:
-            self._refuse_untrusted(context, policy, cert, info.method)
-        found = policy.resolve(identity) if identity else None
+        if peer is not None:
+            self._refuse_untrusted(context, policy, peer, info.method)
+        found = self._resolve(policy, identity) if identity else None
         if found is None:
             log.warning("unknown caller refused", extra={"reason": "unknown_identity", "method": info.method})
-            self._metrics.auth_denied.labels("unknown_identity").inc()
+            self._denied["unknown_identity"].inc()
             abort(context, Unauthenticated("this certificate names no caller in the policy"))
         if permission is None or not found.may(permission):
             # A method nobody mapped to a permission is refused rather than guessed at.
-            self._metrics.auth_denied.labels("no_permission").inc()
+            self._denied["no_permission"].inc()
             abort(context, PermissionDenied(f"this caller lacks the '{permission}' permission"))
         info.caller = found
 
@@ -177,9 +243,9 @@ class AuthInterceptor(_Interceptor):
         }
 
         def check(context: grpc.ServicerContext) -> None:
-            cert = self._peer(context)
-            if cert is not None:
-                self._refuse_untrusted(context, self._policies.policy, cert, method)
+            peer = self._peer(context)
+            if peer is not None:
+                self._refuse_untrusted(context, self._policies.policy, peer, method)
 
         if handler.unary_unary:
             inner = handler.unary_unary
@@ -229,8 +295,10 @@ class AuthInterceptor(_Interceptor):
     def _wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str, permission: Permission | None
     ) -> grpc.RpcMethodHandler[Any, Any]:
+        authenticate = self._authenticate
+
         def start(context: grpc.ServicerContext) -> tuple[RequestInfo, Any]:
-            info = RequestInfo(None, "", method, uuid.uuid4().hex)
+            info = RequestInfo(None, "", method, new_request_id())
             context.set_trailing_metadata((("x-request-id", info.request_id),))
             return info, bind(info)
 
@@ -246,8 +314,9 @@ class AuthInterceptor(_Interceptor):
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
                 info, token = start(context)
                 try:
-                    self._authenticate(context, info, permission)
-                    _decoded(request, context)
+                    authenticate(context, info, permission)
+                    if request is _UNDECODABLE:
+                        _undecodable(context)
                     return inner(request, context)
                 except BaseException:
                     self._failed(request, context, info)
@@ -262,8 +331,9 @@ class AuthInterceptor(_Interceptor):
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 info, token = start(context)
                 try:
-                    self._authenticate(context, info, permission)
-                    _decoded(request, context)
+                    authenticate(context, info, permission)
+                    if request is _UNDECODABLE:
+                        _undecodable(context)
                     yield from inner_stream(request, context)
                 except BaseException:
                     self._failed(request, context, info)
@@ -278,7 +348,7 @@ class AuthInterceptor(_Interceptor):
             def client_stream(requests: Any, context: grpc.ServicerContext) -> Any:
                 info, token = start(context)
                 try:
-                    self._authenticate(context, info, permission)
+                    authenticate(context, info, permission)
                     return inner_client_stream(requests, context)
                 except BaseException:
                     self._failed(None, context, info)
@@ -316,7 +386,6 @@ def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
     return run
 
 
-def _decoded(request: Any, context: grpc.ServicerContext) -> None:
+def _undecodable(context: grpc.ServicerContext) -> NoReturn:
     """Refuse a request that did not decode (after authentication: strangers learn nothing)."""
-    if request is _UNDECODABLE:
-        abort(context, InvalidArgument("the request is not a valid message for this method"))
+    abort(context, InvalidArgument("the request is not a valid message for this method"))
