@@ -11,18 +11,21 @@ collecting the base itself) and provides two fixtures:
 
 The store holds untrusted bytes, so the rows below are plain byte strings: the suite checks
 what the daemon relies on (atomic writes, exact bytes back, counts, a revision that replicas
-can follow), not what the bytes mean.
+can follow), not what the bytes mean. Template ids are named in the tests ("a1") and stored as
+the 32 hex digits ``tid(name)``, the only form a store accepts.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
 
-from faceseal.server.store.base import Store, StoreError, TemplateRow, WrappedKey
+from faceseal.server.store.base import ChangesPruned, Store, StoreError, TemplateRow, WrappedKey
 
 Reopen = Callable[[Store], Store]
 
@@ -35,12 +38,28 @@ def ref(name: str) -> bytes:
     return (name.encode() + b"\x00\xff" * 16)[:32]
 
 
+_NAMES: dict[str, str] = {}
+BAD_ID = "32 lowercase hex digits"  # what a store says of a template id in another form
+
+
+def tid(name: str) -> str:
+    """The template id (32 lowercase hex digits, as the daemon mints them) a test calls ``name``."""
+    template_id = hashlib.sha256(name.encode()).hexdigest()[:32]
+    _NAMES[template_id] = name
+    return template_id
+
+
+def names(rows: Iterable[TemplateRow]) -> list[str]:
+    """The test names of the rows' template ids, in order."""
+    return [_NAMES[r.template_id] for r in rows]
+
+
 def row(gallery: str, subject: str, template_id: str, version: int = 1, tag: str = "") -> TemplateRow:
     seed = f"{gallery}/{subject}/{template_id}/v{version}{tag}".encode()
     return TemplateRow(
         gallery=gallery,
         subject_ref=ref(subject),
-        template_id=template_id,
+        template_id=tid(template_id),
         key_version=version,
         subject_blob=b"S" + seed + _BLOB_TAIL,
         template_blob=b"T" + seed + _BLOB_TAIL * 2,
@@ -78,30 +97,95 @@ class ChangeLogConformance:
         store.add_wrapped_keys([WrappedKey("data", 9, b"w")])
         revision, changes = store.changes_since(start)
         assert revision == store.revision() > start
-        assert [(c.kind, c.gallery, c.template_id) for c in changes] == [
-            ("put", "g1", "t1"),
-            ("delete_subject", "g1", ""),  # the replace: the old rows go first, in the same revision
-            ("put", "g1", "t2"),
-            ("delete_subject", "g1", ""),
-            ("keys", "", ""),
+        assert [(c.kind, c.gallery) for c in changes] == [
+            ("put", "g1"),
+            ("delete_subject", "g1"),  # the replace: the old rows go first, in the same revision
+            ("put", "g1"),
+            ("delete_subject", "g1"),
+            ("keys", ""),
         ]
         assert changes[1].revision == changes[2].revision
-        assert [c.subject_ref for c in changes[:4]] == [ref("alice")] * 4
+        assert [c.subject_ref for c in changes[1:4:2]] == [ref("alice")] * 2
+        # A put names the seq range it inserted; reading it back gives the rows (while they last).
+        first, second = changes[0], changes[2]
+        assert first.first_seq <= first.last_seq < second.first_seq <= second.last_seq
+        assert list(store.templates_between("g1", first.first_seq, first.last_seq)) == []  # replaced since
         # Asking from a later revision returns only what came after it.
         assert [c.kind for c in store.changes_since(changes[2].revision)[1]] == ["delete_subject", "keys"]
+
+    def test_one_put_change_per_gallery_per_transaction(self, store: Store) -> None:
+        store.put_template(row("g1", "zed", "z0"), replace_subject=False)
+        start = store.revision()
+        batch = [
+            (row("g1", "alice", "a1"), False),
+            (row("g2", "bob", "b1"), False),
+            (row("g1", "zed", "z1"), True),
+            (row("g1", "alice", "a2"), False),
+        ]
+        assert store.put_templates(batch) == [1, 1, 1, 2]
+        revision, changes = store.changes_since(start)
+        assert revision == start + 1
+        assert [(c.kind, c.gallery, c.subject_ref) for c in changes] == [
+            ("delete_subject", "g1", ref("zed")),
+            ("put", "g1", b""),
+            ("put", "g2", b""),
+        ]
+        put_g1, put_g2 = changes[1], changes[2]
+        # Applying the deletes, then each range, gives exactly what the store holds.
+        assert list(store.templates_between("g1", put_g1.first_seq, put_g1.last_seq)) == [
+            batch[0][0],
+            batch[2][0],
+            batch[3][0],
+        ]
+        assert list(store.templates_between("g2", put_g2.first_seq, put_g2.last_seq)) == [batch[1][0]]
+        assert rows_of(store, "g1") == [batch[0][0], batch[2][0], batch[3][0]]
+
+    def test_changes_older_than_the_horizon_are_pruned_and_a_late_follower_is_told(self, store: Store) -> None:
+        store.change_horizon = 3  # type: ignore[attr-defined]  # SQL backends: a class attribute
+        store.prune_every = 1  # type: ignore[attr-defined]
+        start = store.revision()
+        for i in range(6):
+            store.put_template(row("g1", f"s{i}", f"t{i}"), replace_subject=False)
+        now = store.revision()
+        assert now == start + 6
+        # The newest three revisions are still there, and a follower within them is served.
+        revision, changes = store.changes_since(now - 3)
+        assert revision == now
+        assert [c.revision for c in changes] == [now - 2, now - 1, now]
+        assert store.changes_since(now) == (now, [])
+        # One that applied less must reload: the store cannot tell it what it missed.
+        for behind in (start, now - 4):
+            with pytest.raises(ChangesPruned):
+                store.changes_since(behind)
+        # The rows themselves are never pruned.
+        assert names(rows_of(store, "g1")) == [f"t{i}" for i in range(6)]
 
     def test_iteration_pages_through_large_galleries_in_order(self, store: Store) -> None:
         store.page_size = 2  # type: ignore[attr-defined]  # SQL backends page their reads
         for i in range(5):
             store.put_template(row("g1", f"s{i}", f"t{i}"), replace_subject=False)
         store.put_template(row("g2", "other", "x"), replace_subject=False)
-        assert [r.template_id for r in store.iter_templates("g1")] == [f"t{i}" for i in range(5)]
+        assert names(store.iter_templates("g1")) == [f"t{i}" for i in range(5)]
+        seqs = [r.seq for r in store.iter_templates("g1")]
+        assert seqs == sorted(set(seqs))
+        assert seqs[0] > 0
+        # A range pages the same way and holds only its own gallery's rows.
+        assert names(store.templates_between("g1", seqs[1], seqs[4])) == ["t1", "t2", "t3", "t4"]
+        assert names(store.templates_between("g1", seqs[1], seqs[1])) == ["t1"]
+        assert names(store.templates_between("g2", seqs[0], seqs[4])) == []
 
-    def test_template_by_id(self, store: Store) -> None:
-        r = row("g1", "alice", "t1")
-        store.put_template(r, replace_subject=False)
-        assert store.template("t1") == r
-        assert store.template("nope") is None
+    def test_bulk_put_without_counts(self, store: Store) -> None:
+        store.put_template(row("g1", "alice", "a0"), replace_subject=False)
+        batch = [
+            (row("g1", "alice", "a1"), False),
+            (row("g1", "bob", "b1"), False),
+            (row("g1", "alice", "a2"), True),  # removes a0 and a1, both before it
+            (row("g1", "alice", "a3"), False),
+        ]
+        assert store.put_templates(batch, counts=False) == [0, 0, 0, 0]
+        assert names(rows_of(store, "g1")) == ["b1", "a2", "a3"]
+        assert store.subject_template_count("g1", ref("alice")) == 2
+        assert store.put_templates([], counts=False) == []
 
 
 class StoreConformance(ChangeLogConformance):
@@ -218,7 +302,7 @@ class StoreConformance(ChangeLogConformance):
     def test_replace_subject_on_a_new_subject_just_adds(self, store: Store) -> None:
         store.put_template(row("g1", "bob", "b1"), replace_subject=False)
         assert store.put_template(row("g1", "alice", "a1"), replace_subject=True) == 1
-        assert [r.template_id for r in rows_of(store, "g1")] == ["b1", "a1"]
+        assert names(rows_of(store, "g1")) == ["b1", "a1"]
 
     def test_failed_replace_subject_keeps_the_old_rows(self, store: Store) -> None:
         """Delete-then-insert is one transaction: if the insert fails the subject is not lost."""
@@ -226,19 +310,24 @@ class StoreConformance(ChangeLogConformance):
         store.put_template(row("g1", "alice", "a2"), replace_subject=False)
         store.put_template(row("g1", "bob", "b1"), replace_subject=False)
         before = snapshot(store)
-        clash = row("g1", "alice", "b1", tag="-new")  # template id already taken by bob's row
-        with pytest.raises(StoreError):
-            store.put_template(clash, replace_subject=True)
-        assert snapshot(store) == before
+        # The insert fails after the delete ran: a template id that is not 32 lowercase hex digits.
+        bad = dataclasses.replace(row("g1", "alice", "a3"), template_id="not-an-id")
+        for replace_subject in (True, False):
+            for batch in ([(bad, replace_subject)], [(row("g1", "alice", "a4"), True), (bad, replace_subject)]):
+                with pytest.raises(ValueError, match=BAD_ID):
+                    store.put_templates(batch)
+                with pytest.raises(ValueError, match=BAD_ID):
+                    store.put_templates(batch, counts=False)
+                assert snapshot(store) == before
         assert store.subject_template_count("g1", ref("alice")) == 2
 
-    def test_duplicate_template_id_raises_and_changes_nothing(self, store: Store) -> None:
+    def test_malformed_template_id_raises_and_changes_nothing(self, store: Store) -> None:
         store.put_template(row("g1", "alice", "t-1"), replace_subject=False)
-        store.put_template(row("g2", "carol", "t-2"), replace_subject=False)
         before = snapshot(store)
-        for dup in (row("g1", "bob", "t-1"), row("g1", "alice", "t-1", tag="-again")):
-            with pytest.raises(StoreError):
-                store.put_template(dup, replace_subject=False)
+        good = row("g1", "bob", "t-2")
+        for template_id in ("", "t-1", good.template_id.upper(), good.template_id[:30], good.template_id + "00"):
+            with pytest.raises(ValueError, match=BAD_ID):
+                store.put_template(dataclasses.replace(good, template_id=template_id), replace_subject=False)
             assert snapshot(store) == before
 
     def test_delete_subject_counts(self, store: Store) -> None:
@@ -271,7 +360,7 @@ class StoreConformance(ChangeLogConformance):
         store.delete_subject("g1", ref("amy"))
         late = row("g1", "amy", "late")
         store.put_template(late, replace_subject=False)
-        assert [r.template_id for r in rows_of(store, "g1")] == ["m-7", "b-2", "0-0", "late"]
+        assert names(rows_of(store, "g1")) == ["m-7", "b-2", "0-0", "late"]
 
     # -- rewrap: compare-and-swap --------------------------------------------------------------
 
@@ -287,6 +376,25 @@ class StoreConformance(ChangeLogConformance):
         newer = row("g1", "alice", "t-1", version=3)
         assert store.replace_template(old, newer) is False
         assert rows_of(store, "g1") == [new, other]
+
+    def test_replace_template_by_a_row_read_back(self, store: Store) -> None:
+        """A row read from the store carries its seq; the swap still checks every other column."""
+        store.put_template(row("g1", "alice", "t-1"), replace_subject=False)
+        store.put_template(row("g1", "bob", "t-2"), replace_subject=False)
+        read, bob = rows_of(store, "g1")
+        assert 0 < read.seq < bob.seq
+        new = row("g1", "alice", "t-1", version=2)
+        for wrong in (
+            dataclasses.replace(read, seq=bob.seq),  # another row's key
+            dataclasses.replace(read, template_blob=b"stale"),
+            dataclasses.replace(read, template_id=bob.template_id),
+            dataclasses.replace(read, gallery="g2"),
+        ):
+            assert store.replace_template(wrong, new) is False
+        assert rows_of(store, "g1") == [read, bob]
+        assert store.replace_template(read, new) is True
+        assert rows_of(store, "g1") == [new, bob]
+        assert rows_of(store, "g1")[0].seq == read.seq  # swapped in place, not re-inserted
 
     def test_replace_template_refuses_a_stale_or_foreign_old_row(self, store: Store) -> None:
         current = row("g1", "alice", "t-1")
@@ -359,10 +467,11 @@ class StoreConformance(ChangeLogConformance):
         before = store.revision()
         with pytest.raises(StoreError):
             store.add_wrapped_keys([WrappedKey("data", 1, b"dup")])
-        with pytest.raises(StoreError):
-            store.put_template(row("g1", "bob", "a1"), replace_subject=False)
-        with pytest.raises(StoreError):
-            store.put_template(row("g1", "alice", "b1"), replace_subject=True)
+        bad = dataclasses.replace(row("g1", "bob", "b2"), template_id="B" * 32)
+        with pytest.raises(ValueError, match=BAD_ID):
+            store.put_template(bad, replace_subject=False)
+        with pytest.raises(ValueError, match=BAD_ID):
+            store.put_template(bad, replace_subject=True)
         assert store.revision() == before
 
     # -- durability across a restart -------------------------------------------------------------

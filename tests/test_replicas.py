@@ -1,7 +1,8 @@
 """Two daemons on one PostgreSQL: each follows the other's writes through the store's change log.
 
 Acceptance (issue "Scale"): enroll on A -> match on B within 2 s; delete on A -> B refuses within
-2 s; a lockout earned on A holds on B; a key rotated on A is usable on B.
+2 s; a lockout earned on A holds on B; a key rotated on A is usable on B. A replica that fell
+further behind than the store keeps its change log reloads, and ends where A is.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from postgres import pg_cluster, pg_url  # noqa: F401  (fixtures)
 from faceseal.client import FaceSealClientError
 from faceseal.server.config import load_config
 from faceseal.server.daemon import Daemon
+from faceseal.server.store.sql import SqlStore
 
 WITHIN = 2.0  # seconds, as the acceptance says
 
@@ -119,3 +121,42 @@ def test_a_key_rotated_on_one_replica_is_usable_on_the_other(dev: Dev, replicas:
         assert on_b.match("alice", alice).match
         status = admin_client(dev, target(b)).status()
         assert [(k.version, k.active) for k in status.key_versions] == [(1, False), (2, True)]
+
+
+def test_a_replica_behind_the_pruned_change_log_reloads_and_catches_up(
+    dev: Dev, replicas: tuple[Daemon, Daemon], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = replicas
+    # A horizon of four revisions, pruned on every write: seven writes outrun it.
+    monkeypatch.setattr(SqlStore, "change_horizon", 4)
+    monkeypatch.setattr(SqlStore, "prune_every", 1)
+    reloads: list[int] = []
+    reload = b.core._reload
+    monkeypatch.setattr(b.core, "_reload", lambda state: reloads.append(1) or reload(state))
+    alice, bob, carol, dave, *others = random_encodings(8, seed=80)
+    with dev.client(target(a), "enroller") as on_a, dev.client(target(b), "gateway") as on_b:
+        on_a.enroll("alice", alice)
+        on_a.enroll("bob", bob)
+        within("bob on B", lambda: code(lambda: on_b.match("bob", bob)) is None)
+        before = len(reloads)
+        with b.core._write_lock:  # B cannot follow meanwhile: it falls behind
+            on_a.enroll("carol", carol)
+            on_a.delete("alice")
+            on_a.enroll("bob", dave, replace=True)
+            for n, encoding in enumerate(others):
+                on_a.enroll(f"other-{n}", encoding)
+        within("carol on B", lambda: code(lambda: on_b.match("carol", carol)) is None)
+        assert len(reloads) == before + 1
+        assert on_b.match("carol", carol).match
+        assert code(lambda: on_b.match("alice", alice)) is grpc.StatusCode.NOT_FOUND
+        assert on_b.match("bob", dave).match
+        assert not on_b.match("bob", bob).match
+        assert all(on_b.match(f"other-{n}", e).match for n, e in enumerate(others))
+        # Back within the horizon, B follows change by change again.
+        on_a.enroll("erin", alice)
+        within("erin on B", lambda: code(lambda: on_b.match("erin", alice)) is None)
+        assert len(reloads) == before + 1
+    status_a, status_b = admin_client(dev, target(a)).status(), admin_client(dev, target(b)).status()
+    assert [(g.name, g.subject_count, g.template_count) for g in status_b.galleries] == [
+        (g.name, g.subject_count, g.template_count) for g in status_a.galleries
+    ]

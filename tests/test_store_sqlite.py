@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import sqlite3
 import stat
@@ -9,10 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from store_conformance import Reopen, StoreConformance, row
+from store_conformance import Reopen, StoreConformance, names, ref, row, tid
 
-from faceseal.server.store.base import Store, StoreError
-from faceseal.server.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from faceseal.server.store import sql
+from faceseal.server.store.base import ChangesPruned, Store, StoreError
+from faceseal.server.store.sqlite import _MIGRATIONS, PAGE_SIZE, SCHEMA_VERSION, SQLiteStore, _split
 
 
 @pytest.fixture
@@ -123,7 +126,7 @@ def test_fresh_file_reaches_the_current_schema(db_path: Path) -> None:
         store.close()
     store = SQLiteStore(db_path)
     try:
-        assert [r.template_id for r in store.iter_templates("g1")] == ["a1"]
+        assert [r.template_id for r in store.iter_templates("g1")] == [tid("a1")]
     finally:
         store.close()
 
@@ -157,3 +160,114 @@ def test_file_that_is_not_a_database_is_refused(db_path: Path) -> None:
     with pytest.raises(StoreError) as info:
         SQLiteStore(db_path)
     assert str(db_path) in str(info.value)
+
+
+def test_new_file_gets_big_pages_and_an_existing_file_keeps_its_own(db_path: Path) -> None:
+    """A 2.1 KB row (512-d) fits a 4 KB page alone; a new file uses pages that hold several."""
+    SQLiteStore(db_path).close()
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        assert db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE == 16384
+    old = db_path.with_name("old.db")
+    with contextlib.closing(sqlite3.connect(old)) as db:
+        db.execute("PRAGMA page_size = 4096")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("CREATE TABLE unrelated (x INTEGER) STRICT")
+    SQLiteStore(old).close()
+    with contextlib.closing(sqlite3.connect(old)) as db:
+        assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def _plan(store: SQLiteStore, statement: str, params: tuple[object, ...]) -> str:
+    return " | ".join(str(r[-1]) for r in store._db.execute("EXPLAIN QUERY PLAN " + statement, params).fetchall())
+
+
+def test_reads_use_the_primary_key_or_the_subject_index(db_path: Path) -> None:
+    store = SQLiteStore(db_path)
+    try:
+        page = _plan(store, sql._RANGE, ("g1", 0, 10, 100))
+        assert "INTEGER PRIMARY KEY" in page, page
+        assert "TEMP B-TREE" not in page, page
+        count = _plan(store, "SELECT count(*) FROM templates WHERE subject_ref = ? AND gallery = ?", (b"r", "g1"))
+        assert "templates_subject" in count, count
+        indexes = {
+            r[0]
+            for r in store._db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'templates'")
+        }
+        # No index on template_id: nothing looks a row up by it.
+        assert indexes == {"templates_subject", "templates_key_version"}
+    finally:
+        store.close()
+
+
+# What the daemon wrote under schema 3: hex ids in a TEXT column, one change row per template.
+_V3_ROWS = [
+    (1, "aa" * 16, "faces", ref("alice"), 1, b"S-alice-1", b"T-alice-1"),
+    (2, "0b" * 16, "faces", ref("bob"), 2, b"S-bob", b"T-bob\x00\xff"),
+    (4, "c0" * 16, "other", ref("alice"), 1, b"S-alice-o", b"T-alice-o"),
+    (5, "1d" * 16, "faces", ref("alice"), 1, b"S-alice-2", b"T-alice-2"),
+]
+
+
+def _schema_3_database(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("PRAGMA page_size = 4096")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("BEGIN")
+        for script in _MIGRATIONS[:3]:
+            for statement in _split(script):
+                db.execute(statement)
+        db.execute("PRAGMA user_version = 3")
+        db.executemany(
+            "INSERT INTO templates (seq, template_id, gallery, subject_ref, key_version, subject_blob, template_blob)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [*_V3_ROWS, (6, "ee" * 16, "faces", ref("carol"), 1, b"S", b"T")],
+        )
+        db.execute("DELETE FROM templates WHERE seq = 6")  # the top seq, deleted: never handed out again
+        db.executemany(
+            "INSERT INTO changes (revision, kind, gallery, subject_ref, template_id) VALUES (?, 'put', ?, ?, ?)",
+            [(seq, gallery, subject, tid) for seq, tid, gallery, subject, *_ in _V3_ROWS],
+        )
+        db.execute("UPDATE meta SET value = 7 WHERE name = 'revision'")
+        db.execute("COMMIT")
+
+
+def test_a_schema_3_database_migrates_and_keeps_its_rows(db_path: Path) -> None:
+    _schema_3_database(db_path)
+    store = SQLiteStore(db_path)
+    try:
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        faces = list(store.iter_templates("faces"))
+        expected = [r for r in _V3_ROWS if r[2] == "faces"]
+        assert [(r.seq, r.template_id, r.gallery, r.subject_ref, r.key_version, r.subject_blob, r.template_blob)
+                for r in faces] == expected  # fmt: skip
+        assert [r.template_id for r in store.iter_templates("other")] == ["c0" * 16]
+        (kind,) = store._db.execute("SELECT typeof(template_id) FROM templates GROUP BY 1").fetchone()
+        assert kind == "blob"
+        assert store.subject_template_count("faces", ref("alice")) == 2
+        assert store.gallery_counts() == {"faces": (2, 3), "other": (1, 1)}
+        assert store.revision() == 7
+        # The per-row log is gone: a follower from before the upgrade must reload; from now on
+        # the new log serves it.
+        with pytest.raises(ChangesPruned):
+            store.changes_since(6)
+        assert store.changes_since(7) == (7, [])
+        assert store.put_template(row("faces", "alice", "new"), replace_subject=False) == 3
+        revision, (change,) = store.changes_since(7)
+        assert (revision, change.kind, change.last_seq) == (8, "put", 7)  # not 6: that seq was used
+        assert [r.seq for r in store.iter_templates("faces")] == [1, 2, 5, 7]
+        assert names(store.templates_between("faces", change.first_seq, change.last_seq)) == ["new"]
+        # A migrated row can be rewrapped: its id matches as bytes.
+        rewrapped = dataclasses.replace(faces[1], key_version=3, template_blob=b"T-bob-v3")
+        assert store.replace_template(faces[1], rewrapped) is True
+        assert list(store.iter_templates("faces"))[1] == rewrapped
+    finally:
+        store.close()
+    # Reopening migrates nothing again and keeps the page size the file was made with.
+    store = SQLiteStore(db_path)
+    try:
+        assert len(list(store.iter_templates("faces"))) == 4
+        assert store._db.execute("PRAGMA page_size").fetchone()[0] == 4096
+    finally:
+        store.close()

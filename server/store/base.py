@@ -11,13 +11,18 @@ Writes are durable when the method returns: the daemon acknowledges a call only 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
 class TemplateRow:
-    """One sealed template as stored."""
+    """One sealed template as stored.
+
+    ``template_id`` is 32 lowercase hex digits (the store keeps its 16 bytes). ``seq`` is the
+    store's insertion counter: set on rows read back, 0 on rows not stored yet; it is not part
+    of the row's value (equality ignores it), only a cheap handle for the store.
+    """
 
     gallery: str
     subject_ref: bytes
@@ -25,6 +30,7 @@ class TemplateRow:
     key_version: int
     subject_blob: bytes
     template_blob: bytes
+    seq: int = field(default=0, compare=False)
 
     def __repr__(self) -> str:
         return f"TemplateRow(gallery={self.gallery!r}, template_id={self.template_id!r}, v{self.key_version})"
@@ -46,15 +52,21 @@ class WrappedKey:
 class Change:
     """One entry of the change log replicas follow: what to re-read, never the data itself.
 
-    ``kind``: "put" (template_id was added), "delete_subject" (every row of subject_ref went),
-    "rewrap" (a row was re-sealed; plaintext unchanged), "keys" (the wrapped keyring changed).
+    ``kind``: "put" (rows were added to ``gallery``: read them with ``templates_between(gallery,
+    first_seq, last_seq)``; one change per gallery per transaction, however many rows),
+    "delete_subject" (every row of subject_ref went), "rewrap" (the row ``first_seq`` was
+    re-sealed; plaintext unchanged), "keys" (the wrapped keyring changed).
+
+    Within one revision the deletes come before the put: a follower that applies them in order
+    ends with what the store holds (a replace's new row is in the range, its old rows are not).
     """
 
     revision: int
     kind: str
-    gallery: str
-    subject_ref: bytes
-    template_id: str
+    gallery: str = ""
+    subject_ref: bytes = b""
+    first_seq: int = 0
+    last_seq: int = 0
 
 
 # The abuse guard's counter as stored: (count, window_start, locked_until, level).
@@ -63,6 +75,20 @@ GuardRow = tuple[int, float, float, int]
 
 class StoreError(Exception):
     """The backend failed (disk full, connection lost). Mapped to UNAVAILABLE: nothing was written."""
+
+
+class ChangesPruned(Exception):
+    """``changes_since`` was asked for changes the store has already pruned from its log.
+
+    The follower missed changes it can no longer replay one by one: it must reload every gallery
+    (and the keyring) from the store. Not a StoreError: nothing failed, and retrying the same
+    call cannot succeed.
+    """
+
+    def __init__(self, applied: int, oldest: int) -> None:
+        super().__init__(f"changes after revision {applied} were pruned (the log starts after revision {oldest})")
+        self.applied = applied
+        self.oldest = oldest
 
 
 class Store(Protocol):
@@ -91,8 +117,12 @@ class Store(Protocol):
         transaction. Return the subject's template count afterwards."""
         ...
 
-    def put_templates(self, rows: Sequence[tuple[TemplateRow, bool]]) -> list[int]:
-        """``put_template`` for each (row, replace_subject), in order, all in one transaction."""
+    def put_templates(self, rows: Sequence[tuple[TemplateRow, bool]], *, counts: bool = True) -> list[int]:
+        """``put_template`` for each (row, replace_subject), in order, all in one transaction.
+
+        With ``counts=False`` the subjects' counts are not computed (one query per row saved on
+        a bulk import) and the result is all zeros, one per row.
+        """
         ...
 
     def delete_subject(self, gallery: str, subject_ref: bytes) -> int:
@@ -105,8 +135,14 @@ class Store(Protocol):
         """Every row of a gallery, in insertion order."""
         ...
 
+    def templates_between(self, gallery: str, first_seq: int, last_seq: int) -> Iterator[TemplateRow]:
+        """The rows of a gallery with ``first_seq <= seq <= last_seq``, in insertion order (a
+        follower applying a "put" change; rows deleted since are simply not there)."""
+        ...
+
     def replace_template(self, old: TemplateRow, new: TemplateRow) -> bool:
-        """Swap a row's blobs (rewrap), only if the row still holds ``old``'s blobs; True if swapped."""
+        """Swap a row's blobs (rewrap), only if the row still holds ``old``'s blobs; True if swapped.
+        ``old.seq``, when set (a row read back), finds the row by its key."""
         ...
 
     def key_version_counts(self) -> dict[int, int]:
@@ -131,11 +167,11 @@ class Store(Protocol):
         ...
 
     def changes_since(self, revision: int) -> tuple[int, list[Change]]:
-        """The current revision and every change after ``revision``, in commit order."""
-        ...
+        """The current revision and every change after ``revision``, in commit order.
 
-    def template(self, template_id: str) -> TemplateRow | None:
-        """One row by its template id (a follower applying a "put")."""
+        The log is pruned (a backend keeps a bounded horizon of recent revisions): raises
+        ChangesPruned if some change after ``revision`` is gone, and the caller must reload.
+        """
         ...
 
     def close(self) -> None: ...

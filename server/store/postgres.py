@@ -9,7 +9,7 @@ server's default, ``on``). The URL may carry a password; it is never logged or p
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -63,6 +63,23 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX changes_revision ON changes (revision);
     """,
+    # 4: as SQLite's migration 4 (smaller rows, change log of seq ranges, pruned).
+    """
+    ALTER TABLE templates DROP CONSTRAINT templates_template_id_key;
+    ALTER TABLE templates ALTER COLUMN template_id TYPE BYTEA USING decode(template_id, 'hex');
+    DROP TABLE changes;
+    CREATE TABLE changes (
+        id BIGSERIAL PRIMARY KEY,
+        revision BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        gallery TEXT NOT NULL,
+        subject_ref BYTEA NOT NULL,
+        first_seq BIGINT NOT NULL,
+        last_seq BIGINT NOT NULL
+    );
+    CREATE INDEX changes_revision ON changes (revision);
+    INSERT INTO meta SELECT 'pruned', value FROM meta WHERE name = 'revision';
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -77,6 +94,12 @@ class _PgTx:
 
     def execute(self, sql: str, params: Any = (), /) -> Cursor:
         return self._conn.execute(sql.replace("?", "%s"), params)
+
+    def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> object:
+        # psycopg pipelines the statements: one round trip per batch, not per row.
+        with self._conn.cursor() as cursor:
+            cursor.executemany(sql.replace("?", "%s"), params)
+        return None
 
 
 class PostgresStore(SqlStore):
@@ -136,7 +159,8 @@ class PostgresStore(SqlStore):
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:
             with self._pool.connection() as conn:
-                return list(_PgTx(conn).execute(sql, params).fetchall())
+                # Binary results: a bytea arrives as its bytes, not as hex text to decode.
+                return list(conn.execute(sql.replace("?", "%s"), params, binary=True).fetchall())
         except psycopg.Error as exc:
             raise StoreError(f"store read failed: {type(exc).__name__}") from None
 

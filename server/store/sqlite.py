@@ -67,7 +67,50 @@ _MIGRATIONS: tuple[str, ...] = (
     ) STRICT;
     CREATE INDEX changes_revision ON changes (revision);
     """,
+    # 4: smaller rows (issue 6). Template ids as their 16 bytes, with no index (nothing looks a
+    # row up by id). The table is copied with its seq values and its AUTOINCREMENT counter (a
+    # deleted seq is never handed out again). The change log becomes seq ranges and is pruned;
+    # the old per-row log is dropped, so 'pruned' starts at the current revision and a follower
+    # from before the upgrade reloads.
+    """
+    CREATE TABLE templates_v4 (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        gallery TEXT NOT NULL,
+        subject_ref BLOB NOT NULL,
+        template_id BLOB NOT NULL,
+        key_version INTEGER NOT NULL,
+        subject_blob BLOB NOT NULL,
+        template_blob BLOB NOT NULL
+    ) STRICT;
+    INSERT INTO templates_v4 (seq, gallery, subject_ref, template_id, key_version, subject_blob, template_blob)
+        SELECT seq, gallery, subject_ref, faceseal_unhex(template_id), key_version, subject_blob, template_blob
+        FROM templates ORDER BY seq;
+    DELETE FROM sqlite_sequence WHERE name = 'templates_v4';
+    UPDATE sqlite_sequence SET name = 'templates_v4' WHERE name = 'templates';
+    DROP TABLE templates;
+    ALTER TABLE templates_v4 RENAME TO templates;
+    CREATE INDEX templates_subject ON templates (gallery, subject_ref);
+    CREATE INDEX templates_key_version ON templates (key_version);
+    DROP TABLE changes;
+    CREATE TABLE changes (
+        id INTEGER PRIMARY KEY,
+        revision INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        gallery TEXT NOT NULL,
+        subject_ref BLOB NOT NULL,
+        first_seq INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX changes_revision ON changes (revision);
+    INSERT INTO meta SELECT 'pruned', value FROM meta WHERE name = 'revision';
+    """,
 )
+
+# The page size of a new database file (an existing file keeps the one it was created with: in
+# WAL mode SQLite cannot change it). Rows are about 0.7 KB (128-d) and 2.2 KB (512-d); with
+# 4 KB pages a 2.2 KB row fills a page alone and wastes nearly half the file, with 16 KB pages
+# seven fit and the slack is a few percent.
+PAGE_SIZE = 16384
 
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -88,6 +131,8 @@ class SQLiteStore(SqlStore):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the SQLite store {path}: {exc}") from None
         try:
+            # Before anything creates a table or switches to WAL; a no-op on an existing file.
+            self._db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -101,18 +146,29 @@ class SQLiteStore(SqlStore):
             raise
 
     def _migrate(self) -> None:
-        (current,) = self._db.execute("PRAGMA user_version").fetchone()
-        if current > SCHEMA_VERSION:
-            raise StoreError(
-                f"the store {self._path} has schema version {current}, newer than this daemon's "
-                f"{SCHEMA_VERSION}; upgrade the daemon"
-            )
-        for number in range(current, SCHEMA_VERSION):
+        # Migration 4 turns hex template ids into bytes; SQLite has unhex() only from 3.41 on.
+        self._db.create_function("faceseal_unhex", 1, bytes.fromhex, deterministic=True)
+        # One migration per write transaction, the version read inside it: worker processes
+        # opening a new file together each find the schema where the previous one left it.
+        while True:
             self._db.execute("BEGIN IMMEDIATE")
-            for statement in _split(_MIGRATIONS[number]):
-                self._db.execute(statement)
-            self._db.execute(f"PRAGMA user_version = {number + 1}")
+            try:
+                (current,) = self._db.execute("PRAGMA user_version").fetchone()
+                if current > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"the store {self._path} has schema version {current}, newer than this daemon's "
+                        f"{SCHEMA_VERSION}; upgrade the daemon"
+                    )
+                if current < SCHEMA_VERSION:
+                    for statement in _split(_MIGRATIONS[current]):
+                        self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version = {current + 1}")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
             self._db.execute("COMMIT")
+            if current >= SCHEMA_VERSION:
+                return
 
     @contextmanager
     def _transaction(self) -> Iterator[Tx]:
