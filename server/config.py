@@ -47,6 +47,9 @@ class ServerConfig:
     max_batch: int
     # Daemon processes sharing the listening port (server/workers.py); 1 = this process serves.
     workers: int = 1
+    # Pin worker i to the i-th CPU this process may use (mod their number): a GIL-bound process
+    # left to float between cores loses time to migrations and cross-core GIL handoffs.
+    pin_workers: bool = False
     # Transport limits. Defaults here so tests and tools can build a ServerConfig by hand.
     max_concurrent_rpcs: int = 128
     max_concurrent_streams: int = 100
@@ -300,6 +303,7 @@ def _server(s: _Table, base: Path) -> ServerConfig:
         max_top_k=_bounded(s, "max_top_k", int, 100, 1, 10_000),
         max_batch=_bounded(s, "max_batch", int, 10_000, 1, 1_000_000),
         workers=_bounded(s, "workers", int, d["workers"], 1, 64),
+        pin_workers=s.get("pin_workers", bool, d["pin_workers"]),
         max_concurrent_rpcs=_bounded(s, "max_concurrent_rpcs", int, d["max_concurrent_rpcs"], 1, 100_000),
         max_concurrent_streams=_bounded(s, "max_concurrent_streams", int, d["max_concurrent_streams"], 1, 10_000),
         max_connections=_bounded(s, "max_connections", int, d["max_connections"], 1, 1_000_000),

@@ -12,6 +12,7 @@ Per worker: its own audit chain (``<audit.dir>/worker-<i>``) and, when the metri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -31,6 +32,23 @@ def worker_index() -> int | None:
     """This process's worker number, or None when it is not a worker."""
     value = os.environ.get(WORKER_ENV)
     return int(value) if value is not None and value.isdigit() else None
+
+
+def pin(index: int) -> int:
+    """Pin this worker process, every thread of it, to one CPU, before it serves.
+
+    Returns the CPU. The CPUs are the ones this process may use (a cgroup or ``taskset`` may
+    have narrowed them), in order; worker ``index`` takes the ``index``-th, wrapping around.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[index % len(cpus)]
+    # Every thread that exists already (importing grpc starts some), then this one: threads
+    # started later inherit the affinity of the thread that starts them.
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(task.name), {cpu})
+    os.sched_setaffinity(0, {cpu})
+    return cpu
 
 
 def supervise(config_path: Path, workers: int) -> int:

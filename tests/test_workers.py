@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -71,3 +72,32 @@ def test_two_workers_share_the_port_and_each_others_writes(subprocess_daemon: Su
         for pid in workers
         if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
     ]
+
+
+def allowed_cpus(pid: int) -> set[str]:
+    """The CPU list of every thread of ``pid`` (each as /proc prints it, e.g. "1")."""
+    found = set()
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        for line in status.read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                found.add(line.split(":", 1)[1].strip())
+    return found
+
+
+def test_pinned_workers_each_run_every_thread_on_a_cpu_of_their_own(subprocess_daemon: SubprocessDaemon) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs to pin two workers apart")
+    dev = subprocess_daemon.dev
+    dev.set_server(workers=2, pin_workers=True)
+    subprocess_daemon.start()
+    workers = children(subprocess_daemon.pid)
+    assert len(workers) == 2
+    alice = random_encodings(1, seed=22)[0]
+    with dev.client(subprocess_daemon.target, "enroller") as enroller:
+        enroller.enroll("alice", alice)  # serving, so every worker thread (grpc's included) exists
+    pinned = [allowed_cpus(pid) for pid in workers]
+    assert all(len(p) == 1 for p in pinned), f"every thread of a worker should share one CPU: {pinned}"
+    assert {next(iter(p)) for p in pinned} == {str(cpus[0]), str(cpus[1])}
+    subprocess_daemon.send(signal.SIGTERM)
+    assert subprocess_daemon.wait(timeout=30) == 0
