@@ -288,6 +288,8 @@ def serve(config_path: Path) -> int:
             return workers.supervise(config_path, config.server.workers)
         if index is not None:
             config = for_worker(config, index)
+            if config.server.pin_workers:
+                log.info("worker pinned", extra={"worker": index, "cpu": workers.pin(index)})
         daemon = Daemon(config)
     except (ConfigError, StoreError) as exc:
         log.error("cannot start", extra={"reason": str(exc)})
