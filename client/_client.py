@@ -23,6 +23,9 @@ from faceseal.v1 import faceseal_pb2, faceseal_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 10.0
+# Items per BulkEnroll message, by size: far below the daemon's default 1 MiB message limit, and
+# large enough that gRPC's per-message cost is paid per few hundred items, not per item.
+BULK_MESSAGE_BYTES = 256 * 1024
 
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -222,11 +225,16 @@ class FaceSealClient(Connection):
             # gRPC reads this iterator on a thread of its own and only cancels the call if it
             # raises; keep the exception, so the caller sees it rather than a bare CANCELLED.
             try:
+                request, size = faceseal_pb2.BulkEnrollRequest(), 0
                 for subject_id, encoding in items:
-                    request = faceseal_pb2.BulkEnrollRequest(
-                        gallery=gallery, subject_id=subject_id, encoding=as_floats(encoding), replace=replace
-                    )
+                    floats = as_floats(encoding)
+                    request.items.add(gallery=gallery, subject_id=subject_id, encoding=floats, replace=replace)
                     subjects.append(subject_id)
+                    size += 4 * len(floats) + len(subject_id) + len(gallery) + 16
+                    if size >= BULK_MESSAGE_BYTES:
+                        yield request
+                        request, size = faceseal_pb2.BulkEnrollRequest(), 0
+                if request.items:
                     yield request
             except Exception as exc:
                 failure.append(exc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from faceseal.server.guard.guard import Guard
 from faceseal.server.matching.distance import F32
 from faceseal.server.metrics import Metrics
 from faceseal.server.seal.base import Seal, SealError
-from faceseal.server.store.base import Store, StoreError, TemplateRow
+from faceseal.server.store.base import ChangesPruned, Store, StoreError, TemplateRow
 
 log = logging.getLogger("faceseal.core")
 
@@ -133,6 +134,7 @@ class Core:
         self.integrity_failures = 0
         self._applied = 0  # the store revision the in-memory state reflects
         self._own: set[int] = set()  # revisions this process wrote itself (already in memory)
+        self._replaced: list[weakref.ref[Gallery]] = []  # galleries a reload replaced (see ``_reload``)
         self._publish()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -151,7 +153,9 @@ class Core:
         if self._state is not None:
             return
         # Read before the rows: a change committed meanwhile is applied again by ``follow``, and
-        # applying is idempotent (a known template id is skipped, a delete of nothing is nothing).
+        # applying is idempotent (a known template id is skipped, a delete of nothing is nothing;
+        # a put's range is re-read after its deletes). If the log is pruned past this revision
+        # before the first follow, that follow reloads.
         self._applied = self._store.revision()
         barrier = Barrier(vault.load_or_create(self._store, self._seal))
         galleries = {name: self._open_gallery(barrier, g) for name, g in self._config.galleries.items()}
@@ -176,15 +180,24 @@ class Core:
     def follow(self) -> int:
         """Apply changes other writers committed (replicas, worker processes) to memory.
 
-        Returns how many were applied. Under the write lock, so a local write and a followed
-        one never interleave; a Match keeps reading the gallery meanwhile.
+        Returns how many were applied (a full reload counts as one). Under the write lock, so a
+        local write and a followed one never interleave; a Match keeps reading the gallery
+        meanwhile. A follower that fell behind the store's pruned change log reloads everything.
         """
         state = self._state
         if state is None:
             return 0
         with self._write_lock:
-            revision, changes = self._store.changes_since(self._applied)
-            foreign = [c for c in changes if c.revision not in self._own]
+            # Read before the changes: once no replaced gallery is left, every write that held one
+            # has committed, so this round sees its change and the window can close after it.
+            stale = any(ref() is not None for ref in self._replaced)
+            try:
+                revision, changes = self._store.changes_since(self._applied)
+            except ChangesPruned as exc:
+                log.warning("fell behind the store's change log; reloading every gallery", extra={"reason": str(exc)})
+                return self._reload(state)
+            # Own changes are skipped (already in memory), except after a reload: see ``_reload``.
+            foreign = [c for c in changes if self._replaced or c.revision not in self._own]
             if any(c.kind == "keys" for c in foreign):
                 try:
                     keyring = vault.load(self._store, self._seal)
@@ -199,15 +212,46 @@ class Core:
                     continue
                 if change.kind == "delete_subject":
                     gallery.remove_ref(change.subject_ref)
-                elif change.kind == "put" and not gallery.has_template(change.template_id):
-                    row = self._store.template(change.template_id)
-                    if row is not None:  # None: deleted again since; a later change says so
-                        self._open_row(state.barrier, gallery, row)
+                elif change.kind == "put":
+                    # The rows still in the range (one deleted since is gone; a later change says
+                    # so); one already in memory (read by unseal, or twice in a range) is skipped.
+                    rows = self._store.templates_between(change.gallery, change.first_seq, change.last_seq)
+                    known = gallery.has_template
+                    self._open_rows(state.barrier, gallery, (r for r in rows if not known(r.template_id)))
             self._applied = revision
             self._own = {r for r in self._own if r > revision}
+            if not stale:
+                self._replaced = []
         if foreign:
             self._publish()
         return len(foreign)
+
+    def _reload(self, state: _Unsealed) -> int:
+        """Rebuild the keyring and every gallery from the store, as unseal does, and swap them in.
+
+        Called under the write lock when the change log no longer reaches back to ``_applied``.
+        Match keeps reading the old galleries until the new ones replace them.
+
+        A local Enroll or Delete picks its gallery object before it takes the write lock, so one
+        in flight across the swap updates the replaced object, and its change, being its own,
+        would be skipped: the new gallery would miss an enrollment or keep a deleted subject.
+        So while any replaced gallery is still referenced (weakly tracked here), and for one
+        round after, ``follow`` applies own changes too; applying is idempotent.
+        """
+        revision = self._store.revision()  # before the rows, as in unseal
+        try:
+            keyring = vault.load(self._store, self._seal)
+        except SealError as exc:
+            log.error("cannot reload the keyring; keeping the current state", extra={"reason": str(exc)})
+            return 0
+        barrier = Barrier(keyring)
+        galleries = {name: self._open_gallery(barrier, g) for name, g in self._config.galleries.items()}
+        self._replaced += [weakref.ref(g) for g in state.galleries.values()]
+        self._state = _Unsealed(barrier, galleries, state.audit_key)
+        self._applied = revision
+        self._own = {r for r in self._own if r > revision}
+        self._publish()
+        return 1
 
     def follow_until(self, stop: threading.Event) -> None:
         """Poll the store's revision until ``stop``; a failed poll is logged and retried."""
@@ -218,38 +262,45 @@ class Core:
                 log.warning("could not follow the store", extra={"reason": type(exc).__name__})
 
     def _open_row(self, barrier: Barrier, gallery: Gallery, row: TemplateRow) -> None:
+        self._open_rows(barrier, gallery, (row,))
+
+    def _open_rows(self, barrier: Barrier, gallery: Gallery, rows: Iterable[TemplateRow]) -> None:
+        """Open rows and append them to ``gallery`` in batches of ``_OPEN_BATCH``.
+
+        Batching keeps one growth, one copy and one norm computation per batch instead of per
+        row, and lets the barrier decrypt a batch straight into one matrix. A row that fails its
+        integrity check raises the alarm and poisons its subject; the others still open. The
+        caller skips template ids the gallery already holds.
+        """
+        batch: list[TemplateRow] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) == _OPEN_BATCH:
+                self._open_batch(barrier, gallery, batch)
+                batch = []
+        if batch:
+            self._open_batch(barrier, gallery, batch)
+
+    def _open_batch(self, barrier: Barrier, gallery: Gallery, rows: list[TemplateRow]) -> None:
         config = gallery.config
-        sealed = SealedTemplate(row.key_version, row.subject_blob, row.template_blob)
-        try:
-            subject_id, encoding = barrier.open(config.name, row.subject_ref, row.template_id, sealed, config.dimension)
-        except IntegrityError:
-            self._alarm(config.name)
-            gallery.poison(row.subject_ref)
-            return
-        gallery.add(subject_id, row.template_id, encoding, subject_ref=row.subject_ref)
+        ids, matrix = barrier.open_many(config.name, rows, config.dimension)
+        pairs = zip(ids, rows, strict=True)
+        entries = [(sid, row.template_id, row.subject_ref) for sid, row in pairs if sid is not None]
+        if len(entries) < len(rows):
+            for sid, row in zip(ids, rows, strict=True):
+                if sid is None:
+                    self._alarm(config.name)
+                    gallery.poison(row.subject_ref)
+            matrix = matrix[[sid is not None for sid in ids]]
+        gallery.add_many(entries, matrix)
 
     def _open_gallery(self, barrier: Barrier, config: GalleryConfig) -> Gallery:
-        """Decrypt every row of a gallery into one matrix, appended in batches."""
-        gallery = Gallery(config)
-        entries: list[tuple[str, str, bytes]] = []
-        vectors: list[F32] = []
-        for row in self._store.iter_templates(config.name):
-            sealed = SealedTemplate(row.key_version, row.subject_blob, row.template_blob)
-            try:
-                subject_id, encoding = barrier.open(
-                    config.name, row.subject_ref, row.template_id, sealed, config.dimension
-                )
-            except IntegrityError:
-                self._alarm(config.name)
-                gallery.poison(row.subject_ref)
-                continue
-            entries.append((subject_id, row.template_id, row.subject_ref))
-            vectors.append(encoding)
-            if len(entries) == _OPEN_BATCH:
-                gallery.add_many(entries, np.stack(vectors))
-                entries, vectors = [], []
-        if entries:
-            gallery.add_many(entries, np.stack(vectors))
+        """Decrypt every row of a gallery into one matrix, appended in batches; the matrix is
+        sized up front from the store's count, so it is neither copied while it grows nor larger
+        than needed (a few rows more room for the enrollments that follow)."""
+        _, templates = self._store.gallery_counts().get(config.name, (0, 0))
+        gallery = Gallery(config, capacity=templates + templates // 64 + 1024)
+        self._open_rows(barrier, gallery, self._store.iter_templates(config.name))
         return gallery
 
     def _audit_key(self) -> bytes | None:
@@ -323,7 +374,7 @@ class Core:
             except (InvalidArgument, PermissionDenied, NotFound) as exc:
                 prepared.append(exc)
         valid = [p for p in prepared if isinstance(p, _Pending)]
-        outcomes = iter(self._commit(valid)) if valid else iter(())
+        outcomes = iter(self._commit(valid, counts=False)) if valid else iter(())
         return [next(outcomes) if isinstance(p, _Pending) else p for p in prepared]
 
     def _prepare(
@@ -341,10 +392,15 @@ class Core:
         vector = validation.vector(encoding, gallery.config.dimension, "encoding")
         return _Pending(gallery, subject_id, vector, replace, secrets.token_hex(16))
 
-    def _commit(self, items: Sequence[_Pending]) -> list[EnrollOutcome]:
+    def _commit(self, items: Sequence[_Pending], *, counts: bool = True) -> list[EnrollOutcome]:
+        """Audit, seal and store ``items`` in one transaction, then add them to memory.
+
+        ``counts``: report each subject's template count (Enroll answers it; BulkEnroll does not,
+        and skipping it saves the store a count per item).
+        """
         with self._write_lock:
-            for item in items:  # on record before anything is stored (fail closed)
-                self.audit.record(AuditEntry("OK", item.gallery.config.name, item.subject_id))
+            # On record before anything is stored (fail closed), all of a batch in one write.
+            self.audit.record_many([AuditEntry("OK", i.gallery.config.name, i.subject_id) for i in items])
             # Seal under the keyring current inside the lock: one taken before it could name a
             # version that a RetireKey in between has destroyed (an acknowledged, unopenable row).
             barrier = self._unsealed().barrier
@@ -357,24 +413,45 @@ class Core:
                     name, ref, item.template_id, sealed.key_version, sealed.subject_blob, sealed.template_blob
                 )
                 rows.append((row, item.replace))
-            counts = self._store.put_templates(rows)
+            stored = self._store.put_templates(rows, counts=counts)
             self._own.add(self._store.last_revision)
-            for item, (row, _) in zip(items, rows, strict=True):
-                item.gallery.add(
-                    item.subject_id, item.template_id, item.vector, subject_ref=row.subject_ref, replace=item.replace
-                )
-                if item.replace:
-                    item.gallery.clear_poison(row.subject_ref)
+            self._remember(items, [row.subject_ref for row, _ in rows])
         for gallery in {id(i.gallery): i.gallery for i in items}.values():
             self._metrics.templates.labels(gallery.config.name).set(gallery.size()[1])
-        return [EnrollOutcome(i.subject_id, i.template_id, c) for i, c in zip(items, counts, strict=True)]
+        if not counts:
+            stored = [0] * len(items)
+        return [EnrollOutcome(i.subject_id, i.template_id, c) for i, c in zip(items, stored, strict=True)]
+
+    @staticmethod
+    def _remember(items: Sequence[_Pending], refs: Sequence[bytes]) -> None:
+        """Add committed items to their galleries: runs of plain additions to one gallery in one
+        block (one copy, one norm computation), a replacement on its own, in stream order."""
+        run: list[int] = []
+
+        def flush() -> None:
+            if run:
+                gallery = items[run[0]].gallery
+                entries = [(items[k].subject_id, items[k].template_id, refs[k]) for k in run]
+                gallery.add_many(entries, np.stack([items[k].vector for k in run]))
+                run.clear()
+
+        for k, item in enumerate(items):
+            if item.replace:
+                flush()
+                item.gallery.add(item.subject_id, item.template_id, item.vector, subject_ref=refs[k], replace=True)
+                item.gallery.clear_poison(refs[k])
+            else:
+                if run and items[run[0]].gallery is not item.gallery:
+                    flush()
+                run.append(k)
+        flush()
 
     def match(self, caller: Caller, gallery_name: str, subject_id: str, probe: Sequence[float]) -> MatchOutcome:
         state, gallery = self._gallery(caller, Permission.MATCH, gallery_name)
         subject_id = validation.subject_id(subject_id)
         vector = validation.vector(probe, gallery.config.dimension, "probe")
         ref = state.barrier.subject_ref(gallery.config.name, subject_id)
-        self.guard.check_match(caller, gallery.config.name, ref)
+        guard_row = self.guard.check_match(caller, gallery.config.name, ref)
         try:
             best = gallery.match(subject_id, ref, vector)
         except IntegrityError:
@@ -382,7 +459,7 @@ class Core:
             raise
         decision = "match" if best <= gallery.config.threshold else "no_match"
         # Counted before the answer leaves: a failure that is never recorded is a free guess.
-        self.guard.record_match(caller, gallery.config, ref, vector, decision == "match")
+        self.guard.record_match(caller, gallery.config, ref, vector, decision == "match", guard_row)
         self.audit.record(AuditEntry("OK", gallery.config.name, subject_id, decision))
         self._metrics.match_decisions.labels(gallery.config.name, decision).inc()
         return MatchOutcome(decision == "match", _disclose(caller, best))

@@ -274,12 +274,10 @@ def test_rewrap_reports_a_template_that_does_not_open_and_retire_waits_for_it(
     bob = enroller.enroll("bob", BOB).template_id
     harness.stop()
     # Tamper with bob's template behind the daemon's back: it will not open (an alarm, never a match).
-    (blob,) = [r[-1] for r in db_snapshot(harness.dev.db_path)["templates"] if bob in r]
+    (blob,) = [r[-1] for r in db_snapshot(harness.dev.db_path)["templates"] if bytes.fromhex(bob) in r]
     flipped = blob[:-1] + bytes([blob[-1] ^ 1])
-    assert (
-        db_execute(harness.dev.db_path, "UPDATE templates SET template_blob = ? WHERE template_id = ?", (flipped, bob))
-        == 1
-    )
+    sql = "UPDATE templates SET template_blob = ? WHERE template_id = ?"
+    assert db_execute(harness.dev.db_path, sql, (flipped, bytes.fromhex(bob))) == 1
     harness.start()
     admin = _admin(harness)
     assert admin.rotate_key() == 2

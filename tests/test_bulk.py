@@ -14,7 +14,29 @@ from faceseal.v1 import faceseal_pb2_grpc
 
 
 def item(subject: str, encoding: np.ndarray, *, gallery: str = "", replace: bool = False) -> pb.BulkEnrollRequest:
-    return pb.BulkEnrollRequest(gallery=gallery, subject_id=subject, encoding=encoding.tolist(), replace=replace)
+    """A stream message carrying one item."""
+    return pb.BulkEnrollRequest(items=[one(subject, encoding, gallery=gallery, replace=replace)])
+
+
+def one(subject: str, encoding: np.ndarray, *, gallery: str = "", replace: bool = False) -> pb.BulkEnrollItem:
+    return pb.BulkEnrollItem(gallery=gallery, subject_id=subject, encoding=encoding.tolist(), replace=replace)
+
+
+def test_items_packed_several_per_message_are_numbered_across_the_stream(daemon: InProcessDaemon) -> None:
+    enc = random_encodings(7, seed=5)
+    messages = [
+        pb.BulkEnrollRequest(items=[one("m0", enc[0]), one("bad id!", enc[1]), one("m2", enc[2])]),
+        pb.BulkEnrollRequest(),  # an empty message is allowed and adds nothing
+        pb.BulkEnrollRequest(items=[one("m3", enc[3])]),
+        pb.BulkEnrollRequest(items=[one("m4", enc[4]), one("m0", enc[5], replace=True)]),
+    ]
+    response = stub(daemon, "enroller").BulkEnroll(iter(messages))
+    assert [r.index for r in response.results] == [0, 1, 2, 3, 4, 5]
+    assert [r.code for r in response.results] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0], 0, 0, 0, 0]
+    with daemon.client("gateway") as gateway:
+        assert gateway.match("m0", enc[5]).match
+        assert not gateway.match("m0", enc[0]).match
+        assert all(gateway.match(f"m{i}", enc[i]).match for i in (2, 3, 4))
 
 
 def stub(daemon: InProcessDaemon, profile: str) -> faceseal_pb2_grpc.FaceSealServiceStub:

@@ -76,7 +76,7 @@ def _enroll_population(daemon: InProcessDaemon) -> list[tuple[str, F32]]:
 def _rows(path: Path) -> list[tuple[str, int, bytes, bytes]]:
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         rows = db.execute("SELECT template_id, key_version, subject_blob, template_blob FROM templates")
-        return [(str(t), int(v), bytes(s), bytes(b)) for t, v, s, b in rows.fetchall()]
+        return [(bytes(t).hex(), int(v), bytes(s), bytes(b)) for t, v, s, b in rows.fetchall()]
 
 
 class _MatchLoad:

@@ -24,7 +24,7 @@ def _row(db: Path, template_id: str) -> dict[str, bytes]:
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         row = conn.execute(
             "SELECT subject_ref, subject_blob, template_blob FROM templates WHERE template_id = ?",
-            (template_id,),
+            (bytes.fromhex(template_id),),  # stored as its 16 raw bytes
         ).fetchone()
     assert row is not None, "no such template row"
     return {"subject_ref": bytes(row[0]), "subject_blob": bytes(row[1]), "template_blob": bytes(row[2])}
@@ -33,7 +33,7 @@ def _row(db: Path, template_id: str) -> dict[str, bytes]:
 def _set(db: Path, template_id: str, **columns: object) -> None:
     assignments = ", ".join(f"{name} = ?" for name in columns)  # column names from this file only
     sql = f"UPDATE templates SET {assignments} WHERE template_id = ?"  # noqa: S608
-    changed = db_execute(db, sql, [*columns.values(), template_id])
+    changed = db_execute(db, sql, [*columns.values(), bytes.fromhex(template_id)])
     assert changed == 1
 
 
@@ -121,7 +121,7 @@ def _copy_template_blob(db: Path, ids: dict[str, str]) -> None:
 def _relabel_row(db: Path, ids: dict[str, str]) -> None:
     """Alice's whole row filed under Bob's subject reference (Bob's own row removed)."""
     bob_ref = _row(db, ids["bob"])["subject_ref"]
-    assert db_execute(db, "DELETE FROM templates WHERE template_id = ?", [ids["bob"]]) == 1
+    assert db_execute(db, "DELETE FROM templates WHERE template_id = ?", [bytes.fromhex(ids["bob"])]) == 1
     _set(db, ids["alice"], subject_ref=bob_ref)
 
 
@@ -133,7 +133,7 @@ def _add_row_for_victim(db: Path, ids: dict[str, str]) -> None:
         db,
         "INSERT INTO templates (template_id, gallery, subject_ref, key_version, subject_blob, template_blob)"
         " VALUES (?, 'faces', ?, 1, ?, ?)",
-        ["f" * 32, bob_ref, src["subject_blob"], src["template_blob"]],
+        [bytes.fromhex("f" * 32), bob_ref, src["subject_blob"], src["template_blob"]],
     )
 
 

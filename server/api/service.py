@@ -70,7 +70,7 @@ class FaceSealServicer(pb_grpc.FaceSealServiceServicer):
     def BulkEnroll(
         self, request_iterator: Iterator[pb.BulkEnrollRequest], context: grpc.ServicerContext
     ) -> pb.BulkEnrollResponse:
-        items = ((r.gallery, r.subject_id, r.encoding, r.replace) for r in request_iterator)
+        items = ((i.gallery, i.subject_id, i.encoding, i.replace) for r in request_iterator for i in r.items)
         try:
             outcomes = self._core.bulk_enroll(caller(), items)
         except Exception as exc:

@@ -100,31 +100,49 @@ class Guard:
         limit = caller.rule.failures_per_hour
         return BudgetRule(self._config.caller_failures_per_hour if limit is None else limit, 3600.0)
 
-    def check_match(self, caller: Caller, gallery: str, subject_ref: bytes) -> None:
+    def check_match(self, caller: Caller, gallery: str, subject_ref: bytes) -> GuardRow | None:
+        """Refuse a locked subject or a caller out of failure budget; one store read for both.
+
+        Returns the subject's counter as read, for ``record_match``: a successful Match then
+        needs no second read to learn whether there is anything to reset.
+        """
         if not self._config.enabled:
-            return
+            return None
         now = self._clock()
-        subject = _counter(self._store.guard_get("subject", gallery.encode() + b"\0" + subject_ref))
-        wait = subject.locked(now)
+        subject_key = ("subject", gallery.encode() + b"\0" + subject_ref)
+        budget_key = ("caller_failures", caller.identity.encode())
+        rows = self._store.guard_get_many((subject_key, budget_key))
+        subject_row = rows.get(subject_key)
+        wait = _counter(subject_row).locked(now)
         if wait > 0:
             raise self._refuse("subject", "this subject is locked out after repeated failed matches", wait)
-        budget = _counter(self._store.guard_get("caller_failures", caller.identity.encode()))
-        wait = self._failure_budget(caller).exhausted(budget, now)
+        wait = self._failure_budget(caller).exhausted(_counter(rows.get(budget_key)), now)
         if wait > 0:
             raise self._refuse("caller_failures", "this caller has used up its budget of failed matches", wait)
+        return subject_row
 
     def record_match(
-        self, caller: Caller, gallery: GalleryConfig, subject_ref: bytes, probe: F32, matched: bool
+        self,
+        caller: Caller,
+        gallery: GalleryConfig,
+        subject_ref: bytes,
+        probe: F32,
+        matched: bool,
+        subject_row: GuardRow | None,
     ) -> None:
+        """Count a failure (subject, caller budget, probe similarity) or reset the subject on success.
+
+        ``subject_row`` is what ``check_match`` read: a row with nothing to reset (or none at all)
+        means a successful Match writes nothing. A reset races harmlessly with another replica's
+        failure: the write is a read-modify-write in one transaction.
+        """
         if not self._config.enabled:
             return
         now = self._clock()
         key = gallery.name.encode() + b"\0" + subject_ref
         if matched:
             # A genuine user got in: their earlier failures were not an attack on this subject.
-            # Written only when there is something to reset: a successful Match costs no store write.
-            old = self._store.guard_get("subject", key)
-            if old is not None and (old[0] or old[3]):
+            if subject_row is not None and (subject_row[0] or subject_row[3]):
                 self._store.guard_update("subject", key, lambda _old: _row(Counter()))
             return
         similar = self._similar_run(caller, gallery, probe)

@@ -157,6 +157,10 @@ class Store(Protocol):
         """The guard counter of (scope, key), if any."""
         ...
 
+    def guard_get_many(self, keys: Sequence[tuple[str, bytes]]) -> dict[tuple[str, bytes], GuardRow]:
+        """The guard counters of several (scope, key) pairs in one read; absent pairs are left out."""
+        ...
+
     def guard_update(self, scope: str, key: bytes, update: Callable[[GuardRow | None], GuardRow]) -> GuardRow:
         """Read-modify-write one guard counter in one transaction (replicas may race on it).
         Guard writes do not move the revision: they change no gallery."""

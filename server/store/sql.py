@@ -284,6 +284,16 @@ class SqlStore(ABC):
         )
         return (int(rows[0][0]), float(rows[0][1]), float(rows[0][2]), int(rows[0][3])) if rows else None
 
+    def guard_get_many(self, keys: Sequence[tuple[str, bytes]]) -> dict[tuple[str, bytes], GuardRow]:
+        if not keys:
+            return {}
+        where = " OR ".join(["(scope = ? AND key = ?)"] * len(keys))
+        rows = self._read(
+            f"SELECT scope, key, count, window_start, locked_until, level FROM guard WHERE {where}",  # noqa: S608
+            [v for pair in keys for v in pair],
+        )
+        return {(str(s), bytes(k)): (int(c), float(w), float(u), int(lv)) for s, k, c, w, u, lv in rows}
+
     def guard_update(self, scope: str, key: bytes, update: Callable[[GuardRow | None], GuardRow]) -> GuardRow:
         with self._transaction() as tx:
             row = tx.execute(self._guard_select, (scope, key)).fetchone()
