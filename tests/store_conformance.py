@@ -430,6 +430,20 @@ class StoreConformance(ChangeLogConformance):
 
     # -- revision ----------------------------------------------------------------------------
 
+    def test_guard_counters_read_one_or_several_at_once(self, store: Store) -> None:
+        assert store.guard_get("subject", b"g\0a") is None
+        assert store.guard_get_many([("subject", b"g\0a"), ("caller_failures", b"gw")]) == {}
+        revision = store.revision()
+        store.guard_update("subject", b"g\0a", lambda old: (1 if old is None else old[0] + 1, 10.0, 0.0, 0))
+        store.guard_update("subject", b"g\0a", lambda old: (1 if old is None else old[0] + 1, 10.0, 0.0, 0))
+        store.guard_update("caller_failures", b"gw", lambda _old: (7, 1.5, 99.25, 2))
+        store.guard_update("subject", b"g\0b", lambda _old: (3, 0.0, 0.0, 0))  # same key bytes, other scope below
+        assert store.guard_get("subject", b"g\0a") == (2, 10.0, 0.0, 0)
+        both = store.guard_get_many([("subject", b"g\0a"), ("caller_failures", b"gw"), ("identify", b"gw")])
+        assert both == {("subject", b"g\0a"): (2, 10.0, 0.0, 0), ("caller_failures", b"gw"): (7, 1.5, 99.25, 2)}
+        assert store.guard_get_many([("caller_failures", b"g\0b")]) == {}  # scope and key must both match
+        assert store.revision() == revision, "guard counters change no gallery: the revision stays"
+
     def test_revision_grows_on_every_write_and_not_on_reads(self, store: Store) -> None:
         writes: list[Callable[[], object]] = [
             lambda: store.add_wrapped_keys([WrappedKey("index", 1, b"i"), WrappedKey("data", 1, b"d")]),
