@@ -216,7 +216,10 @@ class Daemon:
         if self._follower is not None:
             self._follower.join(timeout=10)
         self.health.enter_graceful_shutdown()
-        self.server.stop(self.config.server.grace_seconds if grace is None else grace).wait()
+        grace = self.config.server.grace_seconds if grace is None else grace
+        # Bounded: a stop must end even if grpc never reports its last call done.
+        if not self.server.stop(grace).wait(grace + 10.0):
+            log.warning("calls still open after the grace period; closing anyway", extra={"grace_seconds": grace})
         self.store.close()
         self.core.audit.close()
         if self._metrics_server is not None:

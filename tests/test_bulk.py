@@ -109,3 +109,22 @@ def test_an_oversized_batch_is_refused_whole(harness: InProcessDaemon, dev: Dev)
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "at most 3" in (err.value.details() or "")
     assert db_snapshot(dev.db_path) == before
+
+
+def test_an_undecodable_message_in_the_stream_is_invalid_argument_and_stores_nothing(
+    daemon: InProcessDaemon, dev: Dev
+) -> None:
+    enc = random_encodings(2, seed=6)
+    before = db_snapshot(dev.db_path)
+    bulk = dev.channel(daemon.target, "enroller").stream_unary(
+        "/faceseal.v1.FaceSealService/BulkEnroll",
+        request_serializer=None,  # raw bytes on the wire
+        response_deserializer=pb.BulkEnrollResponse.FromString,
+    )
+    good = item("u0", enc[0]).SerializeToString()
+    broken = b"\x0a\x05\xff\xff\xff"  # field 1 claims 5 bytes and carries 3: not a message
+    with pytest.raises(grpc.RpcError) as err:
+        bulk(iter([good, broken, item("u1", enc[1]).SerializeToString()]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid message" in (err.value.details() or "")
+    assert db_snapshot(dev.db_path) == before

@@ -306,8 +306,7 @@ class Authenticator:
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
-        if handler.unary_unary or handler.unary_stream:
-            kwargs["request_deserializer"] = _lenient(handler.request_deserializer)
+        kwargs["request_deserializer"] = _lenient(handler.request_deserializer)
         if handler.unary_unary:
             inner = handler.unary_unary
 
@@ -349,7 +348,7 @@ class Authenticator:
                 info, token = start(context)
                 try:
                     authenticate(context, info, permission)
-                    return inner_client_stream(requests, context)
+                    return inner_client_stream(_decoded_stream(requests), context)
                 except BaseException:
                     self._failed(None, context, info)
                     raise
@@ -384,6 +383,15 @@ def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
             return _UNDECODABLE
 
     return run
+
+
+def _decoded_stream(requests: Iterator[Any]) -> Iterator[Any]:
+    """A client stream's messages; one that did not decode fails the whole call INVALID_ARGUMENT
+    when the servicer reaches it (BulkEnroll has stored nothing by then: it commits at the end)."""
+    for request in requests:
+        if request is _UNDECODABLE:
+            raise InvalidArgument("a message of the stream is not a valid message for this method")
+        yield request
 
 
 def _undecodable(context: grpc.ServicerContext) -> NoReturn:
