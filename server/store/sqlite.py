@@ -126,6 +126,8 @@ class SQLiteStore(SqlStore):
         elif path.stat().st_mode & 0o077:
             os.chmod(path, 0o600)
         self._lock = threading.Lock()
+        self._readers: dict[int, tuple[threading.Thread, sqlite3.Connection]] = {}
+        self._closed = False
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         except sqlite3.Error as exc:
@@ -187,14 +189,40 @@ class SQLiteStore(SqlStore):
                 raise StoreError(f"store write failed: {exc}") from None
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return list(self._reader().execute(sql, params).fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"store read failed: {exc}") from None
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (WAL lets readers run beside each other and the writer).
+
+        Reads are most of the store's traffic under load (the guard's counters on every Match);
+        through the one connection they queued on its lock, and each wait while a holder had
+        released the GIL inside SQLite cost the waiting thread a context switch.
+        """
+        entry = self._readers.get(threading.get_ident())
+        if entry is not None:
+            return entry[1]
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
+        db.execute("PRAGMA query_only = ON")
         with self._lock:
-            try:
-                return list(self._db.execute(sql, params).fetchall())
-            except sqlite3.Error as exc:
-                raise StoreError(f"store read failed: {exc}") from None
+            if self._closed:
+                db.close()
+                raise sqlite3.ProgrammingError("the store is closed")
+            for ident, (thread, old) in list(self._readers.items()):  # threads that ended
+                if not thread.is_alive():
+                    old.close()
+                    del self._readers[ident]
+            self._readers[threading.get_ident()] = (threading.current_thread(), db)
+        return db
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
+            for _, db in self._readers.values():
+                db.close()
+            self._readers.clear()
             self._db.close()
 
     def __repr__(self) -> str:
