@@ -549,15 +549,13 @@ def breakdown(setup: Setup, subjects: int, calls: int = 2000) -> list[tuple[str,
     Match, run in this process on a Daemon built (not started) from the same setup: what a call
     costs before any thread or GIL contention. Reads some of the daemon's internals, so a step
     whose internals moved is skipped rather than failing the benchmark."""
-    import datetime
     import uuid
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
+    import grpc
 
     from faceseal.server import validation
+    from faceseal.server.api.edge import Edge
     from faceseal.server.audit.log import AuditEntry
-    from faceseal.server.auth.identity import identity_of
     from faceseal.server.config import load_config
     from faceseal.server.daemon import Daemon
     from faceseal.server.request import RequestInfo, bind, unbind
@@ -578,8 +576,6 @@ def breakdown(setup: Setup, subjects: int, calls: int = 2000) -> list[tuple[str,
             at += 4 + n
         requests = [faceseal_pb2.MatchRequest.FromString(b) for b in bodies]
         pem = (setup.directory / "clients" / "gateway.crt").read_bytes()
-        labels = ("unary", "faceseal.v1.FaceSealService", "Match")
-        m = daemon.metrics
         state = core._state  # internals: the unsealed keyring and galleries
         assert state is not None
         gallery = state.galleries[core.resolve_gallery("") or "faces"]
@@ -588,23 +584,28 @@ def breakdown(setup: Setup, subjects: int, calls: int = 2000) -> list[tuple[str,
         k = len(requests)
         info = RequestInfo(caller, caller.identity, MATCH, uuid.uuid4().hex)
 
-        def auth(_i: int) -> None:
-            cert = x509.load_pem_x509_certificate(pem)
-            identity = identity_of(cert)
-            policy.revoked.revokes(cert.serial_number, cert.fingerprint(hashes.SHA256()))
-            now = datetime.datetime.now(datetime.UTC)
-            assert cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
-            assert identity is not None
-            policy.resolve(identity)
+        # The edge as the daemon runs it (handlers wrapped once: metrics, certificate check from
+        # the peer cache, policy, request context), around a servicer that does nothing.
+        response = faceseal_pb2.MatchResponse(match=True)
+        bare = grpc.unary_unary_rpc_method_handler(
+            lambda _request, _context: response,
+            request_deserializer=faceseal_pb2.MatchRequest.FromString,
+            response_serializer=faceseal_pb2.MatchResponse.SerializeToString,
+        )
+        wrapped = Edge(daemon.metrics, daemon.authenticator).wrap(MATCH, bare)
 
-        def request_id(_i: int) -> None:
-            token = bind(RequestInfo(None, "", MATCH, uuid.uuid4().hex))
-            unbind(token)
+        class Context:  # what the wrappers read off a grpc.ServicerContext
+            def auth_context(self) -> dict[str, list[bytes]]:
+                return {"x509_pem_cert": [pem]}
 
-        def metrics(_i: int) -> None:
-            m.started.labels(*labels).inc()
-            m.handled.labels(*labels, "OK").inc()
-            m.handling.labels(*labels).observe(0.001)
+            def set_trailing_metadata(self, _metadata: object) -> None:
+                pass
+
+            def code(self) -> None:
+                return None
+
+        def edge(i: int) -> None:
+            wrapped.unary_unary(requests[i], Context())
 
         def audit(i: int) -> None:
             core.audit.record(AuditEntry("OK", gallery.config.name, requests[i].subject_id, "match"))
@@ -614,9 +615,7 @@ def breakdown(setup: Setup, subjects: int, calls: int = 2000) -> list[tuple[str,
 
         steps: list[tuple[str, Callable[[int], object]]] = [
             ("parse MatchRequest (both servers)", lambda i: faceseal_pb2.MatchRequest.FromString(bodies[i])),
-            ("metrics interceptor: 2 counters + histogram", metrics),
-            ("auth: PEM parse, SAN, SHA-256, dates, policy", auth),
-            ("request id: uuid4 + contextvar bind", request_id),
+            ("edge: metrics, cached peer + revocation/expiry, policy, request id and context", edge),
             ("validation.vector (probe -> float32, checks)", lambda i: validation.vector(requests[i].probe, DIM, "p")),
             (
                 "subject_ref (HMAC-SHA256)",
