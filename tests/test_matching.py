@@ -482,11 +482,12 @@ def test_capacity_hint_and_growth() -> None:
     assert g.match("s9", _ref("s9"), v[0]) == 0.0
 
 
-def test_hit_repr_names_no_subject() -> None:
+def test_hit_repr_names_no_subject_and_no_distance() -> None:
     g = Gallery(_cfg())
-    g.add("alice-secret-id", "t", np.ones(4, dtype=np.float32), subject_ref=_ref("alice"))
-    (hit,) = g.identify(np.ones(4, dtype=np.float32), top_k=1)
+    g.add("alice-secret-id", "t", np.full(4, 0.5, dtype=np.float32), subject_ref=_ref("alice"))
+    (hit,) = g.identify(np.full(4, 0.25, dtype=np.float32), top_k=1)
     assert "alice" not in repr(hit)
+    assert f"{hit.distance:.2f}" not in repr(hit)
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -52,7 +52,8 @@ class Hit:
     distance: float
 
     def __repr__(self) -> str:
-        return f"Hit(<subject>, {self.distance:.3f})"
+        # Neither the subject nor the distance: a caller's disclosure decides whether one is shown.
+        return "Hit(<subject>, <distance>)"
 
 
 class Gallery:
