@@ -69,6 +69,30 @@ def test_shortlist_is_the_k_smallest(k: int) -> None:
     assert sorted(got.tolist()) == sorted(np.argsort(scores)[: min(k, 50)].tolist())
 
 
+@pytest.mark.parametrize("k", [1, 18, 200, 5000])
+@pytest.mark.parametrize("layout", ["random", "sorted", "reversed", "few_distinct", "k_tied_minimum"])
+def test_shortlist_of_a_large_gallery_is_exactly_the_k_smallest(k: int, layout: str) -> None:
+    # Large enough for the sampled cut-off; layouts where an even sample misjudges the rank
+    # (sorted runs, heavy ties, exactly k equal minima) must still give the exact k smallest.
+    n = 70_000
+    rng = np.random.default_rng(k)
+    scores = rng.standard_normal(n).astype(np.float32)
+    if layout == "sorted":
+        scores.sort()
+    elif layout == "reversed":
+        scores[::-1].sort()
+    elif layout == "few_distinct":
+        scores = rng.integers(0, 3, n).astype(np.float32)
+    elif layout == "k_tied_minimum":
+        scores[rng.choice(n, k, replace=False)] = -10.0
+    got = distance.shortlist(scores, k)
+    assert got.shape == (k,)
+    assert len(set(got.tolist())) == k
+    kth = np.partition(scores, k - 1)[k - 1]
+    assert float(scores[got].max()) == float(kth)  # the k smallest values (ties broken any way)
+    assert set(np.flatnonzero(scores < kth).tolist()) <= set(got.tolist())  # every strictly smaller one
+
+
 # -- the gallery ----------------------------------------------------------------------------------
 
 
