@@ -15,8 +15,8 @@ import secrets
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from faceseal.server.errors import (
     NotFound,
     PermissionDenied,
     Sealed,
+    Unavailable,
 )
 from faceseal.server.gallery.memory import Gallery
 from faceseal.server.guard.guard import Guard
@@ -403,7 +404,8 @@ class Core:
         """
         with self._write_lock:
             # On record before anything is stored (fail closed), all of a batch in one write.
-            self.audit.record_many([AuditEntry("OK", i.gallery.config.name, i.subject_id) for i in items])
+            entries = [AuditEntry("OK", i.gallery.config.name, i.subject_id) for i in items]
+            self.audit.record_many(entries)
             # Seal under the keyring current inside the lock: one taken before it could name a
             # version that a RetireKey in between has destroyed (an acknowledged, unopenable row).
             barrier = self._unsealed().barrier
@@ -416,7 +418,8 @@ class Core:
                     name, ref, item.template_id, sealed.key_version, sealed.subject_blob, sealed.template_blob
                 )
                 rows.append((row, item.replace))
-            stored = self._store.put_templates(rows, counts=counts)
+            with self._retract_on_store_failure(entries):
+                stored = self._store.put_templates(rows, counts=counts)
             self._own.add(self._store.last_revision)
             self._remember(items, [row.subject_ref for row, _ in rows])
         for gallery in {id(i.gallery): i.gallery for i in items}.values():
@@ -424,6 +427,18 @@ class Core:
         if not counts:
             stored = [0] * len(items)
         return [EnrollOutcome(i.subject_id, i.template_id, c) for i, c in zip(items, stored, strict=True)]
+
+    @contextmanager
+    def _retract_on_store_failure(self, entries: Sequence[AuditEntry]) -> Iterator[None]:
+        """The audit records of a change go out before the store commits it (fail closed); if the
+        store then fails, follow them with records of the same entries saying UNAVAILABLE, so the
+        log never shows as done a change that was not stored."""
+        try:
+            yield
+        except StoreError:
+            with suppress(Unavailable):  # the audit log failed too; its own error is logged there
+                self.audit.record_many([replace(e, outcome="UNAVAILABLE") for e in entries])
+            raise
 
     @staticmethod
     def _remember(items: Sequence[_Pending], refs: Sequence[bytes]) -> None:
@@ -484,8 +499,10 @@ class Core:
             if self._store.subject_template_count(gallery.config.name, ref) == 0:
                 gallery.remove(subject_id, ref)  # drop a poisoned marker, if any
                 raise NotFound("no such subject in this gallery")
-            self.audit.record(AuditEntry("OK", gallery.config.name, subject_id))
-            deleted = self._store.delete_subject(gallery.config.name, ref)
+            entry = AuditEntry("OK", gallery.config.name, subject_id)
+            self.audit.record(entry)
+            with self._retract_on_store_failure([entry]):
+                deleted = self._store.delete_subject(gallery.config.name, ref)
             self._own.add(self._store.last_revision)
             gallery.remove(subject_id, ref)
         self._metrics.templates.labels(gallery.config.name).set(gallery.size()[1])

@@ -3,8 +3,10 @@ an unwritable log refuses calls and changes nothing; subject ids appear only as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -204,3 +206,33 @@ def test_cli_audit_hash_finds_the_subjects_records(daemon: InProcessDaemon, dev:
     )
     assert refused.returncode == 1
     assert "PERMISSION_DENIED" in refused.stderr
+
+
+def test_a_change_the_store_then_refuses_is_followed_by_an_unavailable_record(
+    dev: Dev, harness: InProcessDaemon
+) -> None:
+    enc = random_encodings(2, seed=6)
+    harness.start()
+    assert harness.daemon is not None
+    with harness.client("enroller") as enroller:
+        enroller.enroll("subject-heron-1", enc[0])
+        # Another writer holds the SQLite write lock; the daemon gives up waiting after 0.2 s.
+        harness.daemon.store._db.execute("PRAGMA busy_timeout = 200")  # type: ignore[attr-defined]
+        with contextlib.closing(sqlite3.connect(dev.db_path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            before = db_snapshot(dev.db_path)
+            for call in (lambda: enroller.enroll("subject-ibis-2", enc[1]), lambda: enroller.delete("subject-heron-1")):
+                assert rpc_code(call) is grpc.StatusCode.UNAVAILABLE
+            assert db_snapshot(dev.db_path) == before
+            other.execute("ROLLBACK")
+    records = audit_lines(dev)[-4:]  # each refused change: its OK record, then the retraction
+    assert [(r["method"].rsplit("/", 1)[-1], r["outcome"]) for r in records] == [  # type: ignore[union-attr]
+        ("Enroll", "OK"),
+        ("Enroll", "UNAVAILABLE"),
+        ("Delete", "OK"),
+        ("Delete", "UNAVAILABLE"),
+    ]
+    assert records[0]["request_id"] == records[1]["request_id"]
+    assert records[0]["subject"] == records[1]["subject"] is not None
+    harness.stop()
+    assert verify(dev).returncode == 0
