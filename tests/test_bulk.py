@@ -26,7 +26,6 @@ def test_items_packed_several_per_message_are_numbered_across_the_stream(daemon:
     enc = random_encodings(7, seed=5)
     messages = [
         pb.BulkEnrollRequest(items=[one("m0", enc[0]), one("bad id!", enc[1]), one("m2", enc[2])]),
-        pb.BulkEnrollRequest(),  # an empty message is allowed and adds nothing
         pb.BulkEnrollRequest(items=[one("m3", enc[3])]),
         pb.BulkEnrollRequest(items=[one("m4", enc[4]), one("m0", enc[5], replace=True)]),
     ]
@@ -127,4 +126,26 @@ def test_an_undecodable_message_in_the_stream_is_invalid_argument_and_stores_not
         bulk(iter([good, broken, item("u1", enc[1]).SerializeToString()]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid message" in (err.value.details() or "")
+    assert db_snapshot(dev.db_path) == before
+
+
+def test_a_message_in_the_former_one_item_format_is_refused_not_read_as_empty(
+    daemon: InProcessDaemon, dev: Dev
+) -> None:
+    enc = random_encodings(1, seed=7)
+    before = db_snapshot(dev.db_path)
+    # The old BulkEnrollRequest: subject_id = 2, encoding = 3 at the top level (gallery 1 left empty).
+    old = pb.BulkEnrollItem(subject_id="legacy", encoding=enc[0].tolist()).SerializeToString()
+    bulk = dev.channel(daemon.target, "enroller").stream_unary(
+        "/faceseal.v1.FaceSealService/BulkEnroll",
+        request_serializer=None,
+        response_deserializer=pb.BulkEnrollResponse.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        bulk(iter([old]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at least one item" in (err.value.details() or "")
+    with pytest.raises(grpc.RpcError) as err:
+        stub(daemon, "enroller").BulkEnroll(iter([pb.BulkEnrollRequest()]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert db_snapshot(dev.db_path) == before

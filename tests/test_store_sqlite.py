@@ -7,6 +7,7 @@ import dataclasses
 import os
 import sqlite3
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from store_conformance import Reopen, StoreConformance, names, ref, row, tid
 
 from faceseal.server.store import sql
+from faceseal.server.store import sqlite as sqlite_store
 from faceseal.server.store.base import ChangesPruned, Store, StoreError
 from faceseal.server.store.sqlite import _MIGRATIONS, PAGE_SIZE, SCHEMA_VERSION, SQLiteStore, _split
 
@@ -269,5 +271,49 @@ def test_a_schema_3_database_migrates_and_keeps_its_rows(db_path: Path) -> None:
     try:
         assert len(list(store.iter_templates("faces"))) == 4
         assert store._db.execute("PRAGMA page_size").fetchone()[0] == 4096
+    finally:
+        store.close()
+
+
+def test_reads_from_threads_that_come_and_go_each_use_a_live_connection(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python reuses the idents of ended threads (the unseal thread ends; grpc starts its workers
+    # later): a new thread must never read through, or have closed under it, an ended thread's
+    # connection. Reuse is the platform's choice, so it is made certain here: every thread but
+    # the newcomer gets the same ident. (The race this guards against, a clean-up closing a
+    # connection while another thread's read runs on it, is not forced here; this checks that
+    # reads under colliding idents keep working and see the data.)
+    monkeypatch.setattr(
+        sqlite_store, "_thread_ident", lambda: 2 if threading.current_thread().name == "newcomer" else 1
+    )
+    store = SQLiteStore(db_path)
+    try:
+        store.put_template(row("g1", "alice", "a1"), replace_subject=False)
+        for _ in range(6):  # short-lived readers, one after another
+            t = threading.Thread(target=store.revision)
+            t.start()
+            t.join()
+        read_again, done, failures = threading.Event(), threading.Event(), []
+
+        def long_lived() -> None:
+            try:
+                store.revision()  # its first read: possibly an ident an ended thread had
+                read_again.wait(10)
+                assert names(store.iter_templates("g1")) == ["a1"]
+            except Exception as exc:  # reported below, with the thread's own failure
+                failures.append(exc)
+            finally:
+                done.set()
+
+        worker = threading.Thread(target=long_lived)
+        worker.start()
+        newcomer = threading.Thread(target=store.revision, name="newcomer")  # its first read cleans up
+        newcomer.start()
+        newcomer.join()
+        read_again.set()
+        assert done.wait(10)
+        worker.join()
+        assert failures == []
     finally:
         store.close()

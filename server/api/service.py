@@ -10,6 +10,7 @@ from faceseal.server.api.errors import abort, code_for
 from faceseal.server.auth.interceptor import caller
 from faceseal.server.auth.policy import Permission
 from faceseal.server.core import Core, EnrollOutcome
+from faceseal.server.errors import InvalidArgument
 from faceseal.v1 import faceseal_pb2 as pb
 from faceseal.v1 import faceseal_pb2_grpc as pb_grpc
 
@@ -70,7 +71,7 @@ class FaceSealServicer(pb_grpc.FaceSealServiceServicer):
     def BulkEnroll(
         self, request_iterator: Iterator[pb.BulkEnrollRequest], context: grpc.ServicerContext
     ) -> pb.BulkEnrollResponse:
-        items = ((i.gallery, i.subject_id, i.encoding, i.replace) for r in request_iterator for i in r.items)
+        items = ((i.gallery, i.subject_id, i.encoding, i.replace) for r in _nonempty(request_iterator) for i in r.items)
         try:
             outcomes = self._core.bulk_enroll(caller(), items)
         except Exception as exc:
@@ -82,3 +83,12 @@ class FaceSealServicer(pb_grpc.FaceSealServiceServicer):
             else:
                 response.results.add(index=index, code=code_for(outcome).value[0], message=str(outcome))
         return response
+
+
+def _nonempty(requests: Iterator[pb.BulkEnrollRequest]) -> Iterator[pb.BulkEnrollRequest]:
+    """Every message must carry an item: one in the former one-item format (fields 2-4 at the top
+    level, now reserved) parses as empty, and must not be answered as a successful empty batch."""
+    for request in requests:
+        if not request.items:
+            raise InvalidArgument("every BulkEnroll message must carry at least one item (field 'items')")
+        yield request

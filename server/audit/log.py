@@ -144,6 +144,8 @@ class AuditLog:
         All or none: a failed or short write is cut back off the segment, so the chain never
         holds a record the caller was refused for. Raises Unavailable if they cannot be written.
         """
+        if not entries:
+            return  # nothing to record: an empty write would put a blank line in the chain
         info = current()
         key = self._key()
         if key is None:

@@ -114,6 +114,8 @@ PAGE_SIZE = 16384
 
 SCHEMA_VERSION = len(_MIGRATIONS)
 
+_thread_ident = threading.get_ident  # a module name, so a test can make idents collide
+
 
 class SQLiteStore(SqlStore):
     """A Store over one SQLite file."""
@@ -201,8 +203,10 @@ class SQLiteStore(SqlStore):
         through the one connection they queued on its lock, and each wait while a holder had
         released the GIL inside SQLite cost the waiting thread a context switch.
         """
-        entry = self._readers.get(threading.get_ident())
-        if entry is not None:
+        entry = self._readers.get(_thread_ident())
+        # Python reuses thread idents: an entry left by an ended thread is not this thread's, and
+        # the clean-up below may close it under whoever took it over.
+        if entry is not None and entry[0] is threading.current_thread():
             return entry[1]
         db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
         db.execute("PRAGMA query_only = ON")
@@ -211,10 +215,10 @@ class SQLiteStore(SqlStore):
                 db.close()
                 raise sqlite3.ProgrammingError("the store is closed")
             for ident, (thread, old) in list(self._readers.items()):  # threads that ended
-                if not thread.is_alive():
+                if not thread.is_alive() or ident == _thread_ident():
                     old.close()
                     del self._readers[ident]
-            self._readers[threading.get_ident()] = (threading.current_thread(), db)
+            self._readers[_thread_ident()] = (threading.current_thread(), db)
         return db
 
     def close(self) -> None:
