@@ -117,6 +117,22 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _thread_ident = threading.get_ident  # a module name, so a test can make idents collide
 
 
+class _Reader:
+    """One thread's read-only connection and the lock ``close`` takes before closing it."""
+
+    __slots__ = ("closed", "db", "lock", "thread")
+
+    def __init__(self, thread: threading.Thread, db: sqlite3.Connection) -> None:
+        self.thread, self.db = thread, db
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self.db.close()
+
+
 class SQLiteStore(SqlStore):
     """A Store over one SQLite file."""
 
@@ -128,7 +144,7 @@ class SQLiteStore(SqlStore):
         elif path.stat().st_mode & 0o077:
             os.chmod(path, 0o600)
         self._lock = threading.Lock()
-        self._readers: dict[int, tuple[threading.Thread, sqlite3.Connection]] = {}
+        self._readers: dict[int, _Reader] = {}
         self._closed = False
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -192,40 +208,46 @@ class SQLiteStore(SqlStore):
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:
-            return list(self._reader().execute(sql, params).fetchall())
+            reader = self._reader()
+            with reader.lock:  # only ever contended by ``close``
+                if reader.closed:
+                    raise sqlite3.ProgrammingError("the store is closed")
+                return list(reader.db.execute(sql, params).fetchall())
         except sqlite3.Error as exc:
             raise StoreError(f"store read failed: {exc}") from None
 
-    def _reader(self) -> sqlite3.Connection:
+    def _reader(self) -> _Reader:
         """This thread's read-only connection (WAL lets readers run beside each other and the writer).
 
         Reads are most of the store's traffic under load (the guard's counters on every Match);
         through the one connection they queued on its lock, and each wait while a holder had
-        released the GIL inside SQLite cost the waiting thread a context switch.
+        released the GIL inside SQLite cost the waiting thread a context switch. A connection is
+        only ever used by the thread that opened it, and closed under its lock: closing one while
+        another thread's statement runs on it can crash the process.
         """
-        entry = self._readers.get(_thread_ident())
-        # Python reuses thread idents: an entry left by an ended thread is not this thread's, and
-        # the clean-up below may close it under whoever took it over.
-        if entry is not None and entry[0] is threading.current_thread():
-            return entry[1]
+        reader = self._readers.get(_thread_ident())
+        # Python reuses thread idents: an entry left by an ended thread is not this thread's.
+        if reader is not None and reader.thread is threading.current_thread():
+            return reader
         db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
         db.execute("PRAGMA query_only = ON")
+        reader = _Reader(threading.current_thread(), db)
         with self._lock:
             if self._closed:
                 db.close()
                 raise sqlite3.ProgrammingError("the store is closed")
-            for ident, (thread, old) in list(self._readers.items()):  # threads that ended
-                if not thread.is_alive() or ident == _thread_ident():
+            for ident, old in list(self._readers.items()):  # threads that ended
+                if not old.thread.is_alive() or ident == _thread_ident():
                     old.close()
                     del self._readers[ident]
-            self._readers[_thread_ident()] = (threading.current_thread(), db)
-        return db
+            self._readers[_thread_ident()] = reader
+        return reader
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            for _, db in self._readers.values():
-                db.close()
+            for reader in self._readers.values():
+                reader.close()  # waits for a read in progress on it
             self._readers.clear()
             self._db.close()
 
