@@ -7,7 +7,10 @@ import dataclasses
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -317,3 +320,25 @@ def test_reads_from_threads_that_come_and_go_each_use_a_live_connection(
         assert failures == []
     finally:
         store.close()
+
+
+def test_processes_opening_a_new_file_together_all_succeed(tmp_path: Path) -> None:
+    # Worker processes of one daemon open the same new store at the same moment: the switch to
+    # WAL does not wait for the other opener by itself, and each must still come up.
+    opener = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from faceseal.server.store.sqlite import SQLiteStore\n"
+        "start = float(sys.argv[2])\n"
+        "while time.time() < start: pass\n"
+        "store = SQLiteStore(Path(sys.argv[1])); store.revision(); store.close()\n"
+    )
+    for attempt in range(6):
+        path = tmp_path / f"new-{attempt}.db"
+        start = time.time() + 1.5  # after both interpreters have imported everything
+        procs = [
+            subprocess.Popen([sys.executable, "-c", opener, str(path), repr(start)], stderr=subprocess.PIPE)
+            for _ in range(3)
+        ]
+        errors = [p.communicate(timeout=60)[1].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], errors

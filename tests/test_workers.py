@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import SubprocessDaemon, random_encodings
+from helpers import SubprocessDaemon, poll, random_encodings
 
 from faceseal.client import FaceSealClientError
 
@@ -93,9 +93,15 @@ def test_pinned_workers_each_run_every_thread_on_a_cpu_of_their_own(subprocess_d
     subprocess_daemon.start()
     workers = children(subprocess_daemon.pid)
     assert len(workers) == 2
+    # The port answers as soon as one worker serves; wait until both have pinned themselves
+    # (before building anything: grpc's threads, started later, inherit the affinity).
+    poll(
+        "both workers to pin themselves",
+        lambda: True if subprocess_daemon.log().count('"msg":"worker pinned"') == 2 else None,
+    )
     alice = random_encodings(1, seed=22)[0]
     with dev.client(subprocess_daemon.target, "enroller") as enroller:
-        enroller.enroll("alice", alice)  # serving, so every worker thread (grpc's included) exists
+        enroller.enroll("alice", alice)
     pinned = [allowed_cpus(pid) for pid in workers]
     assert all(len(p) == 1 for p in pinned), f"every thread of a worker should share one CPU: {pinned}"
     assert {next(iter(p)) for p in pinned} == {str(cpus[0]), str(cpus[1])}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,7 +154,7 @@ class SQLiteStore(SqlStore):
         try:
             # Before anything creates a table or switches to WAL; a no-op on an existing file.
             self._db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._switch_to_wal()
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA secure_delete=ON")
@@ -164,6 +165,23 @@ class SQLiteStore(SqlStore):
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"cannot open the SQLite store {path}: {exc}") from None
             raise
+
+    def _switch_to_wal(self) -> None:
+        """WAL mode, waiting out another process switching the same new file (worker processes
+        starting together): the switch does not go through SQLite's busy handler, so a second
+        opener would fail at once with "database is locked"."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                (mode,) = self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+                continue
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"the store could not switch to WAL mode (journal mode {mode})")
+            return
 
     def _migrate(self) -> None:
         # Migration 4 turns hex template ids into bytes; SQLite has unhex() only from 3.41 on.
