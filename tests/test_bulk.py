@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -36,6 +36,15 @@ def test_items_packed_several_per_message_are_numbered_across_the_stream(daemon:
         assert gateway.match("m0", enc[5]).match
         assert not gateway.match("m0", enc[0]).match
         assert all(gateway.match(f"m{i}", enc[i]).match for i in (2, 3, 4))
+
+
+def raw_bulk_enroll(daemon: InProcessDaemon, dev: Dev) -> Callable[[Iterator[bytes]], pb.BulkEnrollResponse]:
+    """BulkEnroll as the enroller, sending raw bytes: stream messages no stub would build."""
+    return dev.channel(daemon.target, "enroller").stream_unary(
+        "/faceseal.v1.FaceSealService/BulkEnroll",
+        request_serializer=None,
+        response_deserializer=pb.BulkEnrollResponse.FromString,
+    )
 
 
 def stub(daemon: InProcessDaemon, profile: str) -> faceseal_pb2_grpc.FaceSealServiceStub:
@@ -115,11 +124,7 @@ def test_an_undecodable_message_in_the_stream_is_invalid_argument_and_stores_not
 ) -> None:
     enc = random_encodings(2, seed=6)
     before = db_snapshot(dev.db_path)
-    bulk = dev.channel(daemon.target, "enroller").stream_unary(
-        "/faceseal.v1.FaceSealService/BulkEnroll",
-        request_serializer=None,  # raw bytes on the wire
-        response_deserializer=pb.BulkEnrollResponse.FromString,
-    )
+    bulk = raw_bulk_enroll(daemon, dev)
     good = item("u0", enc[0]).SerializeToString()
     broken = b"\x0a\x05\xff\xff\xff"  # field 1 claims 5 bytes and carries 3: not a message
     with pytest.raises(grpc.RpcError) as err:
@@ -136,11 +141,7 @@ def test_a_message_in_the_former_one_item_format_is_refused_not_read_as_empty(
     before = db_snapshot(dev.db_path)
     # The old BulkEnrollRequest: subject_id = 2, encoding = 3 at the top level (gallery 1 left empty).
     old = pb.BulkEnrollItem(subject_id="legacy", encoding=enc[0].tolist()).SerializeToString()
-    bulk = dev.channel(daemon.target, "enroller").stream_unary(
-        "/faceseal.v1.FaceSealService/BulkEnroll",
-        request_serializer=None,
-        response_deserializer=pb.BulkEnrollResponse.FromString,
-    )
+    bulk = raw_bulk_enroll(daemon, dev)
     with pytest.raises(grpc.RpcError) as err:
         bulk(iter([old]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
