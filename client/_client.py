@@ -212,8 +212,9 @@ class FaceSealClient(Connection):
         """Enroll ``(subject_id, encoding)`` pairs over one BulkEnroll stream; one result per item, in order.
 
         The daemon checks every item like :meth:`enroll` and stores all the valid ones in one
-        transaction once the stream ends: an item it refuses comes back with its code (e.g.
-        ``INVALID_ARGUMENT``) and the others are stored all the same. A call that fails as a whole
+        transaction once the stream's last message (which sets ``commit``) arrives: an item it
+        refuses comes back with its code (e.g. ``INVALID_ARGUMENT``) and the others are stored
+        all the same. A call that fails as a whole
         (an exception here: no permission, sealed, more items than the daemon's ``max_batch``, a
         deadline, or ``items`` raising while it is read) stored nothing, so sending the same items
         again is safe. ``items`` is read lazily, once; ``timeout`` bounds the whole stream.
@@ -234,8 +235,10 @@ class FaceSealClient(Connection):
                     if size >= BULK_MESSAGE_BYTES:
                         yield request
                         request, size = faceseal_pb2.BulkEnrollRequest(), 0
-                if request.items:
-                    yield request
+                # The end marker: without it the daemon stores nothing (a stream cut short by a
+                # crash must not look complete to it).
+                request.commit = True
+                yield request
             except Exception as exc:
                 failure.append(exc)
                 raise

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 import numpy as np
@@ -18,6 +18,20 @@ def item(subject: str, encoding: np.ndarray, *, gallery: str = "", replace: bool
     return pb.BulkEnrollRequest(items=[one(subject, encoding, gallery=gallery, replace=replace)])
 
 
+def committed(messages: Iterable[pb.BulkEnrollRequest]) -> Iterator[pb.BulkEnrollRequest]:
+    """``messages`` as a complete stream: the last one sets ``commit``, as every client must."""
+    held: pb.BulkEnrollRequest | None = None
+    for message in messages:
+        if held is not None:
+            yield held
+        held = message
+    assert held is not None
+    last = pb.BulkEnrollRequest()
+    last.CopyFrom(held)
+    last.commit = True
+    yield last
+
+
 def one(subject: str, encoding: np.ndarray, *, gallery: str = "", replace: bool = False) -> pb.BulkEnrollItem:
     return pb.BulkEnrollItem(gallery=gallery, subject_id=subject, encoding=encoding.tolist(), replace=replace)
 
@@ -29,7 +43,7 @@ def test_items_packed_several_per_message_are_numbered_across_the_stream(daemon:
         pb.BulkEnrollRequest(items=[one("m3", enc[3])]),
         pb.BulkEnrollRequest(items=[one("m4", enc[4]), one("m0", enc[5], replace=True)]),
     ]
-    response = stub(daemon, "enroller").BulkEnroll(iter(messages))
+    response = stub(daemon, "enroller").BulkEnroll(committed(messages))
     assert [r.index for r in response.results] == [0, 1, 2, 3, 4, 5]
     assert [r.code for r in response.results] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0], 0, 0, 0, 0]
     with daemon.client("gateway") as gateway:
@@ -63,7 +77,7 @@ def test_valid_items_are_stored_and_invalid_ones_reported(daemon: InProcessDaemo
         item("dave", enc[2], gallery="no-such-gallery"),
         item("alice", enc[2], replace=True),  # replaces the alice enrolled two items earlier
     ]
-    response = stub(daemon, "enroller").BulkEnroll(iter(requests))
+    response = stub(daemon, "enroller").BulkEnroll(committed(requests))
     codes = [(r.index, grpc.StatusCode.OK.value[0] == r.code) for r in response.results]
     assert codes == [(0, True), (1, False), (2, True), (3, False), (4, False), (5, True)]
     by_index = {r.index: r for r in response.results}
@@ -94,9 +108,44 @@ def test_a_stream_that_breaks_off_stores_nothing(daemon: InProcessDaemon, dev: D
         stub(daemon, "enroller").BulkEnroll(broken())
     assert db_snapshot(dev.db_path) == before
     # Resending the whole batch afterwards stores each item once.
-    response = stub(daemon, "enroller").BulkEnroll(item(f"s{i}", enc[i]) for i in range(10))
+    response = stub(daemon, "enroller").BulkEnroll(committed(item(f"s{i}", enc[i]) for i in range(10)))
     assert [r.code for r in response.results] == [0] * 10
     assert len(db_snapshot(dev.db_path)["templates"]) == 10
+
+
+def test_a_stream_that_ends_without_commit_stores_nothing(daemon: InProcessDaemon, dev: Dev) -> None:
+    # What the daemon's handler may see of a client that crashed mid-stream: gRPC Python can end
+    # the request iterator normally before it notices the cancellation.
+    enc = random_encodings(3, seed=8)
+    before = db_snapshot(dev.db_path)
+    with pytest.raises(grpc.RpcError) as err:
+        stub(daemon, "enroller").BulkEnroll(iter([item(f"c{i}", enc[i]) for i in range(3)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'commit'" in (err.value.details() or "")
+    assert "nothing was stored" in (err.value.details() or "")
+    assert db_snapshot(dev.db_path) == before
+
+
+def test_a_message_after_the_commit_is_refused_and_stores_nothing(daemon: InProcessDaemon, dev: Dev) -> None:
+    enc = random_encodings(2, seed=9)
+    before = db_snapshot(dev.db_path)
+    first = item("p0", enc[0])
+    first.commit = True
+    with pytest.raises(grpc.RpcError) as err:
+        stub(daemon, "enroller").BulkEnroll(iter([first, item("p1", enc[1])]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "followed the one that set 'commit'" in (err.value.details() or "")
+    assert db_snapshot(dev.db_path) == before
+
+
+def test_a_bare_commit_message_ends_a_stream(daemon: InProcessDaemon, dev: Dev) -> None:
+    enc = random_encodings(2, seed=10)
+    end = pb.BulkEnrollRequest(commit=True)
+    response = stub(daemon, "enroller").BulkEnroll(iter([item("e0", enc[0]), item("e1", enc[1]), end]))
+    assert [(r.index, r.code) for r in response.results] == [(0, 0), (1, 0)]
+    assert len(db_snapshot(dev.db_path)["templates"]) == 2
+    # A stream of the end marker alone is an empty batch, answered as one.
+    assert len(stub(daemon, "enroller").BulkEnroll(iter([end])).results) == 0
 
 
 def test_bulk_enroll_needs_the_enroll_permission(daemon: InProcessDaemon, dev: Dev) -> None:
@@ -113,7 +162,7 @@ def test_an_oversized_batch_is_refused_whole(harness: InProcessDaemon, dev: Dev)
     before = db_snapshot(dev.db_path)
     enc = random_encodings(4, seed=6)
     with pytest.raises(grpc.RpcError) as err:
-        stub(harness, "enroller").BulkEnroll(item(f"s{i}", enc[i]) for i in range(4))
+        stub(harness, "enroller").BulkEnroll(committed(item(f"s{i}", enc[i]) for i in range(4)))
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "at most 3" in (err.value.details() or "")
     assert db_snapshot(dev.db_path) == before
@@ -127,8 +176,10 @@ def test_an_undecodable_message_in_the_stream_is_invalid_argument_and_stores_not
     bulk = raw_bulk_enroll(daemon, dev)
     good = item("u0", enc[0]).SerializeToString()
     broken = b"\x0a\x05\xff\xff\xff"  # field 1 claims 5 bytes and carries 3: not a message
+    last = item("u1", enc[1])
+    last.commit = True
     with pytest.raises(grpc.RpcError) as err:
-        bulk(iter([good, broken, item("u1", enc[1]).SerializeToString()]))
+        bulk(iter([good, broken, last.SerializeToString()]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid message" in (err.value.details() or "")
     assert db_snapshot(dev.db_path) == before

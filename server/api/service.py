@@ -71,7 +71,8 @@ class FaceSealServicer(pb_grpc.FaceSealServiceServicer):
     def BulkEnroll(
         self, request_iterator: Iterator[pb.BulkEnrollRequest], context: grpc.ServicerContext
     ) -> pb.BulkEnrollResponse:
-        items = ((i.gallery, i.subject_id, i.encoding, i.replace) for r in _nonempty(request_iterator) for i in r.items)
+        messages = _committed(request_iterator)
+        items = ((i.gallery, i.subject_id, i.encoding, i.replace) for r in messages for i in r.items)
         try:
             outcomes = self._core.bulk_enroll(caller(), items)
         except Exception as exc:
@@ -85,10 +86,31 @@ class FaceSealServicer(pb_grpc.FaceSealServiceServicer):
         return response
 
 
-def _nonempty(requests: Iterator[pb.BulkEnrollRequest]) -> Iterator[pb.BulkEnrollRequest]:
-    """Every message must carry an item: one in the former one-item format (fields 2-4 at the top
-    level, now reserved) parses as empty, and must not be answered as a successful empty batch."""
+def _committed(requests: Iterator[pb.BulkEnrollRequest]) -> Iterator[pb.BulkEnrollRequest]:
+    """The stream's messages, refused unless the last one, and only it, sets ``commit``.
+
+    gRPC Python's request iterator ends the same way whether the client half-closed or its call
+    was cancelled (a crashed client, an exception in its request generator): the cancellation
+    may be noticed only after the iterator has stopped. Without the client's own end marker the
+    daemon would store the front half of a batch the client never finished sending. Raising
+    here, while Core is still reading the stream, happens before anything is stored.
+
+    A message carries at least one item unless it is the bare end marker (``commit`` alone, for
+    a client that learns the stream is over only after sending its last item): one in the former
+    one-item format (fields 2-4 at the top level, now reserved) parses as empty, and must not be
+    answered as a successful batch.
+    """
+    committed = False
     for request in requests:
-        if not request.items:
-            raise InvalidArgument("every BulkEnroll message must carry at least one item (field 'items')")
+        if committed:
+            raise InvalidArgument("a BulkEnroll message followed the one that set 'commit'; nothing was stored")
+        if not request.items and not request.commit:
+            raise InvalidArgument(
+                "every BulkEnroll message must carry at least one item (field 'items') or end the stream ('commit')"
+            )
+        committed = request.commit
         yield request
+    if not committed:
+        raise InvalidArgument(
+            "the BulkEnroll stream ended before a message set 'commit' (its last message must): nothing was stored"
+        )
