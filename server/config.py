@@ -45,6 +45,8 @@ class ServerConfig:
     max_workers: int
     max_top_k: int
     max_batch: int
+    # The most probes one IdentifyBatch may carry.
+    max_identify_batch: int = 64
     # Daemon processes sharing the listening port (server/workers.py); 1 = this process serves.
     workers: int = 1
     # Pin worker i to the i-th CPU this process may use (mod their number): a GIL-bound process
@@ -302,6 +304,7 @@ def _server(s: _Table, base: Path) -> ServerConfig:
         max_workers=max_workers,
         max_top_k=_bounded(s, "max_top_k", int, 100, 1, 10_000),
         max_batch=_bounded(s, "max_batch", int, 10_000, 1, 1_000_000),
+        max_identify_batch=_bounded(s, "max_identify_batch", int, 64, 1, 4096),
         workers=_bounded(s, "workers", int, d["workers"], 1, 64),
         pin_workers=s.get("pin_workers", bool, d["pin_workers"]),
         max_concurrent_rpcs=_bounded(s, "max_concurrent_rpcs", int, d["max_concurrent_rpcs"], 1, 100_000),

@@ -491,6 +491,23 @@ class Core:
         self.audit.record(AuditEntry("OK", gallery.config.name, candidates=len(hits)))
         return [Candidate(h.subject_id, _disclose(caller, h.distance)) for h in hits]
 
+    def identify_many(
+        self, caller: Caller, gallery_name: str, probes: Sequence[Sequence[float]], top_k: int
+    ) -> list[list[Candidate]]:
+        """Identify for each probe: every probe is checked before any is searched, each spends
+        one search of the caller's budget and gets its own audit record (one write for all)."""
+        _, gallery = self._gallery(caller, Permission.IDENTIFY, gallery_name)
+        limit = self._config.server.max_identify_batch
+        if not 1 <= len(probes) <= limit:
+            raise InvalidArgument(f"an IdentifyBatch carries 1 to {limit} probes, got {len(probes)}")
+        dimension = gallery.config.dimension
+        matrix = np.stack([validation.vector(p, dimension, f"probes[{i}].encoding") for i, p in enumerate(probes)])
+        k = validation.top_k(top_k, self._config.server.max_top_k)
+        self.guard.spend_identify(caller, len(probes))
+        answers = gallery.identify_many(matrix, k)
+        self.audit.record_many([AuditEntry("OK", gallery.config.name, candidates=len(hits)) for hits in answers])
+        return [[Candidate(h.subject_id, _disclose(caller, h.distance)) for h in hits] for hits in answers]
+
     def delete(self, caller: Caller, gallery_name: str, subject_id: str) -> int:
         state, gallery = self._gallery(caller, Permission.DELETE, gallery_name)
         subject_id = validation.subject_id(subject_id)

@@ -67,6 +67,9 @@ def _cases() -> dict[str, Case]:
         cases[f"enroll-{name}"] = Case("Enroll", pb.EnrollRequest(subject_id="carol", encoding=vector), code)
         cases[f"match-{name}"] = Case("Match", pb.MatchRequest(subject_id="alice", probe=vector), code)
         cases[f"identify-{name}"] = Case("Identify", pb.IdentifyRequest(probe=vector, top_k=5), code)
+        # The bad probe behind a good one: the whole batch is refused.
+        probes = [pb.Probe(encoding=GOOD), pb.Probe(encoding=vector)]
+        cases[f"identify_batch-{name}"] = Case("IdentifyBatch", pb.IdentifyBatchRequest(probes=probes, top_k=5), code)
     for name, subject in BAD_SUBJECTS.items():
         cases[f"enroll-{name}"] = Case("Enroll", pb.EnrollRequest(subject_id=subject, encoding=GOOD), INVALID)
         cases[f"match-{name}"] = Case("Match", pb.MatchRequest(subject_id=subject, probe=GOOD), INVALID)
@@ -79,6 +82,15 @@ def _cases() -> dict[str, Case]:
         cases[f"match-{name}"] = Case("Match", pb.MatchRequest(gallery=gallery, subject_id="alice", probe=GOOD), code)
         cases[f"identify-{name}"] = Case("Identify", pb.IdentifyRequest(gallery=gallery, probe=GOOD, top_k=5), code)
         cases[f"delete-{name}"] = Case("Delete", pb.DeleteRequest(gallery=gallery, subject_id="alice"), code)
+        batch = pb.IdentifyBatchRequest(gallery=gallery, probes=[pb.Probe(encoding=GOOD)], top_k=5)
+        cases[f"identify_batch-{name}"] = Case("IdentifyBatch", batch, code)
+    cases["identify_batch-no-probes"] = Case("IdentifyBatch", pb.IdentifyBatchRequest(top_k=5), INVALID)
+    cases["identify_batch-65-probes"] = Case(
+        "IdentifyBatch", pb.IdentifyBatchRequest(probes=[pb.Probe(encoding=GOOD)] * 65, top_k=5), INVALID
+    )
+    cases["identify_batch-top_k-0"] = Case(
+        "IdentifyBatch", pb.IdentifyBatchRequest(probes=[pb.Probe(encoding=GOOD)], top_k=0), INVALID
+    )
     cases["identify-top_k-0"] = Case("Identify", pb.IdentifyRequest(probe=GOOD, top_k=0), INVALID)
     cases["identify-top_k-1e9"] = Case("Identify", pb.IdentifyRequest(probe=GOOD, top_k=10**9), INVALID)
     cases["identify-top_k-101"] = Case("Identify", pb.IdentifyRequest(probe=GOOD, top_k=101), INVALID)
@@ -86,7 +98,13 @@ def _cases() -> dict[str, Case]:
 
 
 CASES = _cases()
-PROFILE = {"Enroll": "enroller", "Delete": "enroller", "Match": "gateway", "Identify": "gateway"}
+PROFILE = {
+    "Enroll": "enroller",
+    "Delete": "enroller",
+    "Match": "gateway",
+    "Identify": "gateway",
+    "IdentifyBatch": "gateway",
+}
 
 
 @pytest.fixture

@@ -297,6 +297,35 @@ def test_identify_has_its_own_budget(harness: InProcessDaemon, faces: Faces) -> 
     assert rejections(harness)["identify"] == 1
 
 
+def test_identify_batch_spends_one_search_per_probe(harness: InProcessDaemon, faces: Faces) -> None:
+    set_guard(harness.dev, **{**ISOLATED, "identify_per_hour": 5})
+    alice = faces.person(0)
+    started(harness, {"alice": faces.enc[alice]})
+    gateway = harness.client("gateway")
+    probe = faces.genuine(alice)
+
+    answers = gateway.identify_batch([probe] * 3)
+    assert [[c.subject_id for c in found] for found in answers] == [["alice"]] * 3
+    # Two searches are left: a batch of three is refused whole, spending nothing ...
+    err = refused(lambda: gateway.identify_batch([probe] * 3))
+    assert "used up its Identify budget" in err.message
+    assert [c.subject_id for c in gateway.identify_batch([probe] * 2)[1]] == ["alice"]
+    # ... and then nothing is left, for a batch or a single Identify.
+    refused(lambda: gateway.identify(probe))
+    assert rejections(harness)["identify"] == 2
+
+
+def test_a_batch_larger_than_the_whole_identify_budget_says_so(harness: InProcessDaemon, faces: Faces) -> None:
+    set_guard(harness.dev, **{**ISOLATED, "identify_per_hour": 3})
+    alice = faces.person(0)
+    started(harness, {"alice": faces.enc[alice]})
+    gateway = harness.client("gateway")
+    err = refused(lambda: gateway.identify_batch([faces.genuine(alice)] * 4))
+    assert "send smaller batches" in err.message
+    # Nothing was spent: the whole budget is still there.
+    assert len(gateway.identify_batch([faces.genuine(alice)] * 3)) == 3
+
+
 def test_the_request_rate_refuses_a_burst_then_refills(harness: InProcessDaemon, faces: Faces) -> None:
     set_guard(harness.dev, **{**ISOLATED, "caller_rate": 5.0})
     alice = faces.person(0)

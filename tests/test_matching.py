@@ -14,6 +14,7 @@ import pytest
 from faceseal.server import validation
 from faceseal.server.config import GalleryConfig
 from faceseal.server.errors import IntegrityError, InvalidArgument, NotFound
+from faceseal.server.gallery import memory
 from faceseal.server.gallery.memory import Gallery
 from faceseal.server.matching import distance
 
@@ -202,6 +203,8 @@ def _check_identify(
     np.testing.assert_allclose([h.distance for h in got], [d for _, d in want], rtol=1e-9, err_msg=context)
     assert all(h.distance <= g.config.threshold for h in got)
     assert [h.distance for h in got] == sorted(h.distance for h in got)
+    # A batch of one answers the same, to the bit.
+    assert g.identify_many(probe[np.newaxis, :], top_k) == [got], context
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -267,6 +270,48 @@ def test_identify_finds_other_subjects_behind_one_with_many_close_templates(metr
             g.add(sid, f"{sid}-{j}", t, subject_ref=_ref(sid))
     for top_k in (1, 2, 5, 20, 31, 50):
         _check_identify(g, subjects, probe, top_k, f"top_k {top_k}")
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("group", [1, 3, None])
+def test_identify_many_answers_every_probe_as_brute_force(
+    metric: str, group: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the group the score block allows (one probe, three, all), each probe gets what a
+    brute-force search gives it; several templates per subject and a poisoned subject included."""
+    rng = np.random.default_rng(77)
+    dim, n_subjects = 24, 60
+    centres = rng.standard_normal((n_subjects, dim))
+    subjects = {
+        f"s{i:02d}": [(centres[i] + 0.3 * rng.standard_normal(dim)).astype(np.float32) for _ in range(1 + i % 4)]
+        for i in range(n_subjects)
+    }
+    probes = np.stack(
+        [(centres[int(rng.integers(n_subjects))] + 0.2 * rng.standard_normal(dim)).astype(np.float32) for _ in range(7)]
+        + [rng.standard_normal(dim).astype(np.float32)]
+    )
+    rows = [t for ts in subjects.values() for t in ts]
+    threshold = float(np.quantile([_ref_distance(r, probes[0], metric) for r in rows], 0.3))
+    g = Gallery(_cfg(metric, dim, threshold))
+    for sid, ts in subjects.items():
+        for j, t in enumerate(ts):
+            g.add(sid, f"{sid}-{j}", t, subject_ref=_ref(sid))
+    g.poison(_ref("s05"))
+    del subjects["s05"]
+    if group is not None:
+        monkeypatch.setattr(memory, "_SCORE_BLOCK_BYTES", 4 * len(rows) * group)
+    for top_k in (1, 4, 100):
+        got = g.identify_many(probes, top_k)
+        assert len(got) == len(probes)
+        for p, (probe, hits) in enumerate(zip(probes, got, strict=True)):
+            want = _brute_force(subjects, probe, metric, threshold, top_k)
+            assert [h.subject_id for h in hits] == [sid for sid, _ in want], f"top_k {top_k} probe {p}"
+            np.testing.assert_allclose([h.distance for h in hits], [d for _, d in want], rtol=1e-9)
+            assert hits == g.identify(probe, top_k)
+
+
+def test_identify_many_on_an_empty_gallery_answers_each_probe_empty() -> None:
+    assert Gallery(_cfg()).identify_many(np.ones((3, 4), dtype=np.float32), top_k=5) == [[], [], []]
 
 
 def test_identify_ties_are_deterministic() -> None:

@@ -23,6 +23,7 @@ PERMISSIONS = {
     _SERVICE + "Identify": Permission.IDENTIFY,
     _SERVICE + "Delete": Permission.DELETE,
     _SERVICE + "BulkEnroll": Permission.ENROLL,
+    _SERVICE + "IdentifyBatch": Permission.IDENTIFY,
 }
 
 
@@ -59,6 +60,24 @@ class FaceSealServicer(pb_grpc.FaceSealServiceServicer):
             candidate = response.candidates.add(subject_id=hit.subject_id)
             if hit.distance is not None:
                 candidate.distance = hit.distance
+        return response
+
+    def IdentifyBatch(
+        self, request: pb.IdentifyBatchRequest, context: grpc.ServicerContext
+    ) -> pb.IdentifyBatchResponse:
+        try:
+            answers = self._core.identify_many(
+                caller(), request.gallery, [p.encoding for p in request.probes], request.top_k
+            )
+        except Exception as exc:
+            abort(context, exc)
+        response = pb.IdentifyBatchResponse()
+        for hits in answers:
+            result = response.results.add()
+            for hit in hits:
+                candidate = result.candidates.add(subject_id=hit.subject_id)
+                if hit.distance is not None:
+                    candidate.distance = hit.distance
         return response
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:

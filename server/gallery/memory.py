@@ -28,6 +28,7 @@ from faceseal.server.matching import distance
 from faceseal.server.matching.distance import F32
 
 _KEY = np.dtype("S16")  # a template key; every key is exactly 16 bytes, so numpy's NUL padding is moot
+_SCORE_BLOCK_BYTES = 64 << 20  # the most float32 scores one IdentifyBatch group computes at once
 _INDEX_BULK = 64  # an append of more rows than this re-sorts the template index lazily instead
 
 
@@ -157,32 +158,64 @@ class Gallery:
 
     def identify(self, probe: F32, top_k: int) -> list[Hit]:
         """At most ``top_k`` subjects within the threshold, closest first."""
-        threshold = self.config.threshold
         with self._lock:
             n = self._n
             if n == 0:
                 return []
             matrix = self._matrix[:n]
             scores = distance.approximate(matrix, self._sq_norms[:n], probe, self.config.metric)
-            want = min(n, 2 * top_k + 8)
-            while True:
-                rows = distance.shortlist(scores, want)
-                exact = distance.exact(matrix[rows], probe, self.config.metric)
-                best: dict[bytes, tuple[float, int]] = {}
-                for row, d in zip(rows.tolist(), exact.tolist(), strict=True):
-                    ref = self._row_ref[row]
-                    # A subject with a tampered row is never a candidate: its intact rows could
-                    # be the attacker's copy, and the tampered one is already an alarm.
-                    if self._poisoned and ref in self._poisoned:
-                        continue
-                    if d <= threshold and d < best.get(ref, (np.inf, 0))[0]:
-                        best[ref] = (d, row)
-                # Enough distinct subjects, or everything within the threshold was seen.
-                if len(best) >= top_k or want == n or float(exact.max()) > threshold:
-                    break
-                want = min(n, want * 4)
-            found = [(d, self._subject_id(row)) for d, row in best.values()]
-        ranked = sorted(found)[:top_k]
+            return self._rank(matrix, scores, probe, top_k)
+
+    def identify_many(self, probes: F32, top_k: int) -> list[list[Hit]]:
+        """``identify`` for each row of ``probes``, reading the matrix once per group of probes.
+
+        One matrix-vector product per probe streams the whole matrix from memory each time; one
+        matrix-matrix product for a group reads it once for all of them. Groups are sized so the
+        score block (probes x rows) stays within ``_SCORE_BLOCK_BYTES``: a batch over a million
+        rows must not allocate a quarter of a gigabyte per request. Same answers as ``identify``
+        (the float32 scores only choose the short list; exact float64 distances decide).
+        """
+        with self._lock:
+            n = self._n
+            if n == 0:
+                return [[] for _ in range(probes.shape[0])]
+            matrix = self._matrix[:n]
+            sq_norms = self._sq_norms[:n]
+            group = max(1, _SCORE_BLOCK_BYTES // (4 * n))
+            answers: list[list[Hit]] = []
+            for start in range(0, probes.shape[0], group):
+                block = probes[start : start + group]
+                scores = distance.approximate_many(matrix, sq_norms, block, self.config.metric)
+                answers += [self._rank(matrix, row, probe, top_k) for row, probe in zip(scores, block, strict=True)]
+            return answers
+
+    def _rank(self, matrix: F32, scores: F32, probe: F32, top_k: int) -> list[Hit]:
+        """The ``top_k`` closest subjects within the threshold, from one probe's approximate scores.
+
+        Called with the lock held. The short list is widened until it holds ``top_k`` distinct
+        subjects or everything within the threshold (several templates per subject, poisoned
+        subjects), and re-scored exactly.
+        """
+        threshold = self.config.threshold
+        n = matrix.shape[0]
+        want = min(n, 2 * top_k + 8)
+        while True:
+            rows = distance.shortlist(scores, want)
+            exact = distance.exact(matrix[rows], probe, self.config.metric)
+            best: dict[bytes, tuple[float, int]] = {}
+            for row, d in zip(rows.tolist(), exact.tolist(), strict=True):
+                ref = self._row_ref[row]
+                # A subject with a tampered row is never a candidate: its intact rows could
+                # be the attacker's copy, and the tampered one is already an alarm.
+                if self._poisoned and ref in self._poisoned:
+                    continue
+                if d <= threshold and d < best.get(ref, (np.inf, 0))[0]:
+                    best[ref] = (d, row)
+            # Enough distinct subjects, or everything within the threshold was seen.
+            if len(best) >= top_k or want == n or float(exact.max()) > threshold:
+                break
+            want = min(n, want * 4)
+        ranked = sorted((d, self._subject_id(row)) for d, row in best.values())[:top_k]
         return [Hit(sid, d) for d, sid in ranked]
 
     def size(self) -> tuple[int, int]:

@@ -174,14 +174,22 @@ class Guard:
 
     # -- Identify ----------------------------------------------------------------------------
 
-    def spend_identify(self, caller: Caller) -> None:
+    def spend_identify(self, caller: Caller, searches: int = 1) -> None:
+        """Spend ``searches`` of the caller's hourly Identify budget (an IdentifyBatch spends one
+        per probe, so batching is no way around it); refused whole if they do not all fit."""
         if not self._config.enabled:
             return
         now = self._clock()
         limit = caller.rule.identify_per_hour
         rule = BudgetRule(self._config.identify_per_hour if limit is None else limit, 3600.0)
         key = caller.identity.encode()
-        wait = rule.exhausted(_counter(self._store.guard_get("identify", key)), now)
+        wait = rule.exhausted(_counter(self._store.guard_get("identify", key)), now, searches)
         if wait > 0:
-            raise self._refuse("identify", "this caller has used up its Identify budget", wait)
-        self._store.guard_update("identify", key, lambda row: _row(rule.spend(_counter(row), now)))
+            if searches > rule.limit:
+                reason = (
+                    f"a batch of {searches} probes is more than this caller's Identify budget; send smaller batches"
+                )
+            else:
+                reason = "this caller has used up its Identify budget"
+            raise self._refuse("identify", reason, wait)
+        self._store.guard_update("identify", key, lambda row: _row(rule.spend(_counter(row), now, searches)))

@@ -63,13 +63,15 @@ class BudgetRule:
     limit: int
     window: float
 
-    def spend(self, c: Counter, now: float) -> Counter:
+    def spend(self, c: Counter, now: float, n: int = 1) -> Counter:
         if now - c.window_start >= self.window:
             c = Counter(count=0, window_start=now)
-        return replace(c, count=c.count + 1)
+        return replace(c, count=c.count + n)
 
-    def exhausted(self, c: Counter, now: float) -> float:
-        """Seconds until the budget refills, or 0 if there is budget left."""
-        if now - c.window_start >= self.window or c.count < self.limit:
+    def exhausted(self, c: Counter, now: float, n: int = 1) -> float:
+        """Seconds until the budget refills, or 0 if there is budget left for ``n`` more events."""
+        if now - c.window_start >= self.window:
+            return 0.0 if n <= self.limit else self.window
+        if c.count + n <= self.limit:
             return 0.0
         return c.window_start + self.window - now

@@ -62,6 +62,21 @@ def approximate(matrix: F32, sq_norms: F32, probe: F32, metric: Metric) -> F32:
     return dots
 
 
+def approximate_many(matrix: F32, sq_norms: F32, probes: F32, metric: Metric) -> F32:
+    """``approximate`` for each row of ``probes`` at once: row i of the result scores probe i.
+
+    One matrix-matrix product, so the matrix is read from memory once for the whole group.
+    """
+    scores: F32 = probes @ matrix.T
+    if metric == "euclidean":
+        scores *= np.float32(-2.0)
+        scores += sq_norms
+    else:
+        scores /= np.sqrt(sq_norms)
+        np.negative(scores, out=scores)
+    return scores
+
+
 _SAMPLE = 8192  # scores sampled to pick a cut-off before selecting from a large gallery
 
 

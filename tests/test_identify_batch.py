@@ -1,0 +1,97 @@
+"""IdentifyBatch over mutual TLS on real face encodings: the answer to every probe is the answer
+Identify gives it, each probe is one audited search, and a batch is refused whole."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from helpers import F32, Dev, InProcessDaemon, db_snapshot, load_real_encodings, rpc_error
+from test_audit import audit_lines
+
+from faceseal.v1 import faceseal_pb2 as pb
+
+
+def people(count: int) -> tuple[dict[str, F32], list[F32]]:
+    """Up to ``count`` people's first photos to enroll, and each one's second photo as a probe."""
+    enc, labels = load_real_encodings()
+    first: dict[str, int] = {}
+    second: dict[str, int] = {}
+    for i, label in enumerate(labels.tolist()):
+        if str(label) not in first:
+            first[str(label)] = i
+        else:
+            second.setdefault(str(label), i)
+    both = [label for label in first if label in second][:count]
+    enrolled = {f"person{n:02d}": enc[first[label]] for n, label in enumerate(both)}
+    return enrolled, [enc[second[label]] for label in both]
+
+
+@pytest.fixture
+def enrolled(harness: InProcessDaemon) -> tuple[InProcessDaemon, list[F32]]:
+    harness.dev.add_caller("auditor", ["identify"], disclosure="distance")
+    harness.start()
+    faces, probes = people(40)
+    assert len(faces) >= 20
+    harness.client("enroller").bulk_enroll(faces.items())
+    stranger = np.random.default_rng(3).standard_normal(128)
+    probes.append((stranger / np.linalg.norm(stranger)).astype(np.float32))  # about 1.4 from everyone
+    return harness, probes
+
+
+def test_every_probe_gets_what_identify_gives_it(enrolled: tuple[InProcessDaemon, list[F32]]) -> None:
+    daemon, probes = enrolled
+    for profile in ("auditor", "gateway"):
+        client = daemon.client(profile)
+        batch = client.identify_batch(probes, top_k=3)
+        assert batch == [client.identify(p, top_k=3) for p in probes], profile
+        assert batch[-1] == [], "the stranger matches nobody"
+        assert sum(1 for found in batch if found) >= len(probes) // 2, "most second photos find their person"
+        disclosed = [c.distance is not None for found in batch for c in found]
+        assert all(disclosed) if profile == "auditor" else not any(disclosed)
+
+
+def test_each_probe_is_one_audited_search(enrolled: tuple[InProcessDaemon, list[F32]]) -> None:
+    daemon, probes = enrolled
+    before = len(audit_lines(daemon.dev))
+    daemon.client("gateway").identify_batch(probes[:5])
+    records = audit_lines(daemon.dev)[before:]
+    assert len(records) == 5
+    assert {r["method"] for r in records} == {"/faceseal.v1.FaceSealService/IdentifyBatch"}
+    assert {r["outcome"] for r in records} == {"OK"}
+
+
+def test_a_batch_over_the_limit_is_refused_whole_and_audits_no_search(harness: InProcessDaemon, dev: Dev) -> None:
+    dev.set_server(max_identify_batch=4)
+    harness.start()
+    faces, probes = people(5)
+    harness.client("enroller").bulk_enroll(faces.items())
+    stub = harness.stub("gateway")
+    searches = len([r for r in audit_lines(dev) if r["outcome"] == "OK"])
+    request = pb.IdentifyBatchRequest(probes=[pb.Probe(encoding=p.tolist()) for p in probes[:5]], top_k=1)
+    err = rpc_error(lambda: stub.IdentifyBatch(request, timeout=10))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1 to 4 probes" in (err.details() or "")
+    assert len([r for r in audit_lines(dev) if r["outcome"] == "OK"]) == searches
+    del request.probes[4]
+    assert len(stub.IdentifyBatch(request, timeout=10).results) == 4
+
+
+def test_a_bad_probe_is_named_by_its_position(enrolled: tuple[InProcessDaemon, list[F32]]) -> None:
+    daemon, probes = enrolled
+    bad = probes[2].copy()
+    bad[7] = np.nan
+    before = db_snapshot(daemon.dev.db_path)
+    request = pb.IdentifyBatchRequest(probes=[pb.Probe(encoding=p.tolist()) for p in [probes[0], probes[1], bad]])
+    request.top_k = 2
+    err = rpc_error(lambda: daemon.stub("gateway").IdentifyBatch(request, timeout=10))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "probes[2]" in (err.details() or "")
+    assert db_snapshot(daemon.dev.db_path) == before
+
+
+def test_identify_batch_needs_the_identify_permission(enrolled: tuple[InProcessDaemon, list[F32]]) -> None:
+    daemon, probes = enrolled
+    request = pb.IdentifyBatchRequest(probes=[pb.Probe(encoding=probes[0].tolist())], top_k=1)
+    err = rpc_error(lambda: daemon.stub("enroller").IdentifyBatch(request, timeout=10))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
