@@ -174,3 +174,15 @@ def test_spending_in_a_new_window_forgets_the_old_one() -> None:
     c = rule.spend(c, T0 + 61)
     assert (c.count, c.window_start) == (1, T0 + 61)
     assert rule.exhausted(c, T0 + 61) == 0
+
+
+def test_several_events_at_once_fit_only_if_all_of_them_fit() -> None:
+    rule = BudgetRule(limit=5, window=3600.0)
+    c = rule.spend(Counter(), T0, 3)
+    assert c.count == 3
+    assert rule.exhausted(c, T0 + 10, 2) == 0
+    assert rule.exhausted(c, T0 + 10, 3) == pytest.approx(3590.0)  # two left: three do not fit
+    # More than the whole limit never fits, not even in a fresh window.
+    assert rule.exhausted(Counter(), T0, 6) > 0
+    assert rule.exhausted(c, T0 + 3600, 6) == pytest.approx(3600.0)
+    assert rule.exhausted(c, T0 + 3600, 5) == 0
