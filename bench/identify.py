@@ -2,9 +2,11 @@
 against the memory-bandwidth floor, single queries and a batch of queries, in the same run.
 
 * ours, in-process: ``faceseal.server.gallery.memory.Gallery.identify`` on a gallery holding the
-  N rows (filled with ``Gallery.add``, as unseal does), one call per query;
-* ours, through the daemon: Identify over gRPC + mutual TLS to ``faceseald serve``, on a smaller
-  gallery (``--daemon-n``, enrolled with BulkEnroll: a million would take the import minutes);
+  N rows (filled with ``Gallery.add``, as unseal does), one call per query; for a batch,
+  ``Gallery.identify_many`` (what IdentifyBatch runs), and one ``identify`` per query beside it;
+* ours, through the daemon: Identify and IdentifyBatch over gRPC + mutual TLS to ``faceseald
+  serve``, on a smaller gallery (``--daemon-n``, enrolled with BulkEnroll: a million would take
+  the import minutes);
 * raw numpy on an identical matrix: ``sq_norms - 2 * (M @ p)`` and ``argpartition`` for one
   query, ``P @ M.T`` and ``argpartition`` per query row for a batch;
 * the floor: the matrix's bytes divided by a streaming-read bandwidth measured here (the best of
@@ -34,11 +36,13 @@ import numpy as np
 import numpy.typing as npt
 from import_rate import ScratchDaemon, ids_for, load, random_unit, scratch_daemon  # bench/ is sys.path[0]
 
+from faceseal.client import Candidate
 from faceseal.server.config import GalleryConfig
 from faceseal.server.gallery.memory import Gallery
 
 F32 = npt.NDArray[np.float32]
 TOP_K = 5
+MAX_IDENTIFY_BATCH = 64  # the daemon's default server.max_identify_batch
 
 
 def interleaved(
@@ -165,9 +169,11 @@ def bench_in_process(n: int, dim: int, batch: int, bandwidth: float, flops: floa
             "numpy": lambda: numpy_single(matrix, sq_norms, probes[next(turn) % batch]),
         }
     )
+    assert gallery.identify_many(probes[:2], TOP_K) == [gallery.identify(p, TOP_K) for p in probes[:2]]
     many = interleaved(
         {
-            "ours": lambda: [gallery.identify(p, TOP_K) for p in probes],
+            "ours": lambda: gallery.identify_many(probes, TOP_K),
+            "ours, one call per query": lambda: [gallery.identify(p, TOP_K) for p in probes],
             "numpy": lambda: numpy_batch(matrix, sq_norms, probes),
         },
         min_runs=2,
@@ -183,11 +189,12 @@ def bench_in_process(n: int, dim: int, batch: int, bandwidth: float, flops: floa
         f"floor {floor * 1e3:8.2f} ms\n"
         f"                ours/numpy {single['ours'][1] / single['numpy'][1]:5.2f}x   "
         f"ours/floor {single['ours'][1] / floor:5.2f}x   numpy/floor {single['numpy'][1] / floor:5.2f}x\n"
-        f"  batch of {batch}: ours (one call per query) {ms(many['ours'], batch)} per query   "
-        f"numpy (one P @ M.T) {ms(many['numpy'], batch)} per query   "
+        f"  batch of {batch}: ours Gallery.identify_many {ms(many['ours'], batch)} per query   "
+        f"ours one call per query {ms(many['ours, one call per query'], batch)} per query\n"
+        f"                numpy (one P @ M.T) {ms(many['numpy'], batch)} per query   "
         f"floor {batch_floor / batch * 1e3:7.2f} ms per query\n"
         f"                ours/numpy {many['ours'][1] / many['numpy'][1]:5.2f}x   "
-        f"ours/floor {many['ours'][1] / batch_floor:5.1f}x   numpy/floor {many['numpy'][1] / batch_floor:5.2f}x",
+        f"ours/floor {many['ours'][1] / batch_floor:5.2f}x   numpy/floor {many['numpy'][1] / batch_floor:5.2f}x",
         flush=True,
     )
 
@@ -221,9 +228,23 @@ def bench_daemon(daemon: ScratchDaemon, n: int, dim: int, batch: int, bandwidth:
             max_runs=200,
             budget=10.0,
         )
+
+        def identify_batches() -> list[list[Candidate]]:
+            # At most the daemon's default max_identify_batch per call, as a client would send them.
+            return [
+                found
+                for first in range(0, batch, MAX_IDENTIFY_BATCH)
+                for found in gateway.identify_batch(
+                    probes[first : first + MAX_IDENTIFY_BATCH], top_k=TOP_K, gallery=gallery
+                )
+            ]
+
+        got_many = identify_batches()
+        assert [[c.subject_id for c in found][:1] for found in got_many] == [[ids[r]] for r in rows]
         many = interleaved(
             {
-                "rpc": lambda: [gateway.identify(p, top_k=TOP_K, gallery=gallery) for p in probes],
+                "rpc": identify_batches,
+                "rpcs": lambda: [gateway.identify(p, top_k=TOP_K, gallery=gallery) for p in probes],
                 "numpy": lambda: numpy_batch(matrix, sq_norms, probes),
             },
             min_runs=3,
@@ -238,8 +259,11 @@ def bench_daemon(daemon: ScratchDaemon, n: int, dim: int, batch: int, bandwidth:
         f"numpy {ms(single['numpy'])}   floor {floor * 1e3:6.3f} ms\n"
         f"                RPC/numpy {single['rpc'][1] / single['numpy'][1]:5.1f}x   "
         f"in-process/numpy {single['local'][1] / single['numpy'][1]:5.2f}x\n"
-        f"  batch of {batch}: ours Identify RPC {ms(many['rpc'], batch)} per query   "
-        f"numpy {ms(many['numpy'], batch)} per query   RPC/numpy {many['rpc'][1] / many['numpy'][1]:5.1f}x",
+        f"  batch of {batch}: ours one IdentifyBatch RPC {ms(many['rpc'], batch)} per query   "
+        f"ours {batch} Identify RPCs {ms(many['rpcs'], batch)} per query\n"
+        f"                numpy {ms(many['numpy'], batch)} per query   "
+        f"IdentifyBatch/numpy {many['rpc'][1] / many['numpy'][1]:5.1f}x   "
+        f"Identify RPCs/numpy {many['rpcs'][1] / many['numpy'][1]:5.1f}x",
         flush=True,
     )
 

@@ -622,8 +622,8 @@ def breakdown(setup: Setup, subjects: int, calls: int = 2000) -> list[tuple[str,
                 lambda i: state.barrier.subject_ref(gallery.config.name, requests[i].subject_id),
             ),
             (
-                "guard.check_match (1 SQLite read)",
-                lambda i: core.guard.check_match(caller, gallery.config.name, refs[i]),
+                "guard.check_match + release (1 SQLite read)",
+                lambda i: core.guard.check_match(caller, gallery.config.name, refs[i]).release(),
             ),
             ("gallery.match (lookup + L2)", lambda i: gallery.match(requests[i].subject_id, refs[i], vectors[i])),
             (

@@ -469,15 +469,18 @@ class Core:
         subject_id = validation.subject_id(subject_id)
         vector = validation.vector(probe, gallery.config.dimension, "probe")
         ref = state.barrier.subject_ref(gallery.config.name, subject_id)
-        guard_row = self.guard.check_match(caller, gallery.config.name, ref)
+        attempt = self.guard.check_match(caller, gallery.config.name, ref)
         try:
-            best = gallery.match(subject_id, ref, vector)
-        except IntegrityError:
-            self._alarm(gallery.config.name)
-            raise
-        decision = "match" if best <= gallery.config.threshold else "no_match"
-        # Counted before the answer leaves: a failure that is never recorded is a free guess.
-        self.guard.record_match(caller, gallery.config, ref, vector, decision == "match", guard_row)
+            try:
+                best = gallery.match(subject_id, ref, vector)
+            except IntegrityError:
+                self._alarm(gallery.config.name)
+                raise
+            decision = "match" if best <= gallery.config.threshold else "no_match"
+            # Counted before the answer leaves: a failure that is never recorded is a free guess.
+            self.guard.record_match(caller, gallery.config, ref, vector, decision == "match", attempt.subject_row)
+        finally:
+            attempt.release()
         self.audit.record(AuditEntry("OK", gallery.config.name, subject_id, decision))
         self._metrics.match_decisions.labels(gallery.config.name, decision).inc()
         return MatchOutcome(decision == "match", _disclose(caller, best))

@@ -20,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
-from faceseal.server.store.base import ChangesPruned, Store, StoreError, TemplateRow, WrappedKey
+from faceseal.server.store.base import ChangesPruned, GuardRow, Store, StoreError, TemplateRow, WrappedKey
 
 Reopen = Callable[[Store], Store]
 
@@ -443,6 +445,26 @@ class StoreConformance(ChangeLogConformance):
         assert both == {("subject", b"g\0a"): (2, 10.0, 0.0, 0), ("caller_failures", b"gw"): (7, 1.5, 99.25, 2)}
         assert store.guard_get_many([("caller_failures", b"g\0b")]) == {}  # scope and key must both match
         assert store.revision() == revision, "guard counters change no gallery: the revision stays"
+
+    def test_guard_updates_from_parallel_threads_all_count(self, store: Store) -> None:
+        """The guard's counters are read-modify-write: parallel updates of one counter, the very
+        first (creating the row) included, must serialise, or each starts from the same count
+        and all but one are lost (parallel guesses then spend a budget only once)."""
+        threads, each = 6, 3
+
+        def bump(old: GuardRow | None) -> GuardRow:
+            time.sleep(0.01)  # widen the window between the read and the write
+            return (1 if old is None else old[0] + 1, 0.0, 0.0, 0)
+
+        def work(_: int) -> None:
+            for _ in range(each):
+                store.guard_update("identify", b"fresh-caller", bump)
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(work, range(threads)))
+        got = store.guard_get("identify", b"fresh-caller")
+        assert got is not None
+        assert got[0] == threads * each
 
     def test_revision_grows_on_every_write_and_not_on_reads(self, store: Store) -> None:
         writes: list[Callable[[], object]] = [

@@ -12,9 +12,11 @@ restart, the metrics and the audit log, and ``enabled = false``.
 from __future__ import annotations
 
 import json
+import threading
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -24,11 +26,12 @@ from grpc_status import rpc_status
 from helpers import F32, Dev, InProcessDaemon, db_snapshot, euclidean, load_real_encodings, poll, rpc_error
 from prometheus_client.parser import text_string_to_metric_families
 
-from faceseal.client import FaceSealClient, MatchResult, ResourceExhaustedError
+from faceseal.client import FaceSealClient, MatchResult, NotFoundError, ResourceExhaustedError
 from faceseal.server.audit.log import segments
 from faceseal.server.metrics import GUARD_SCOPES
 from faceseal.v1 import faceseal_pb2
 
+T = TypeVar("T")
 THRESHOLD = 0.6
 HOUR = 3600.0
 MATCH = "/faceseal.v1.FaceSealService/Match"
@@ -245,6 +248,66 @@ def test_each_further_lockout_lasts_twice_as_long(harness: InProcessDaemon, face
     second = refused(lambda: gateway.match("alice", impostors[0])).retry_after
     assert second is not None
     assert 1.5 < second <= 2.0
+
+
+def all_at_once(calls: list[Callable[[], T]]) -> list[T]:
+    """Run ``calls`` on as many threads, released together: an attacker's parallel requests."""
+    start = threading.Barrier(len(calls))
+
+    def run(call: Callable[[], T]) -> T:
+        start.wait()
+        return call()
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(run, calls))
+
+
+def test_parallel_failed_matches_get_no_more_answers_than_the_lockout_allows(
+    harness: InProcessDaemon, faces: Faces
+) -> None:
+    """A subject's failures are counted before any answer leaves, so sending the guesses in
+    parallel must not buy more of them than sending them one by one (5 before the lockout)."""
+    set_guard(harness.dev, **{**ISOLATED, "subject_failures": 5})
+    alice = faces.person(0)
+    started(harness, {"alice": faces.enc[alice]})
+    clients = [harness.client("gateway") for _ in range(4)]  # several connections, as an attacker would
+    guesses = faces.impostors(alice, 20)
+    results = all_at_once(
+        [lambda c=clients[i % 4], g=g: answered(c, "alice", g) for i, g in enumerate(guesses)]  # type: ignore[misc]
+    )
+    answers = [r for r in results if r is not None]
+    assert not any(r.match for r in answers)
+    assert len(answers) <= 5, f"{len(answers)} parallel guesses were answered; the lockout allows 5"
+    assert refused(lambda: clients[0].match("alice", faces.genuine(alice))).retry_after
+
+
+def test_a_match_that_ends_in_an_error_leaves_nothing_in_flight(harness: InProcessDaemon, faces: Faces) -> None:
+    # NOT_FOUND comes after the guard's check: each such Match must give its place back, or
+    # after subject_failures of them the subject would be refused as "too many at once".
+    set_guard(harness.dev, **{**ISOLATED, "subject_failures": 3, "caller_failures_per_hour": 3})
+    started(harness, {"alice": faces.enc[faces.person(0)]})
+    gateway = harness.client("gateway")
+    for _ in range(8):
+        with pytest.raises(NotFoundError):
+            gateway.match("nobody", faces.enc[0])
+    assert gateway.match("alice", faces.genuine(faces.person(0))).match
+
+
+def test_parallel_identify_calls_cannot_overspend_the_budget(harness: InProcessDaemon, faces: Faces) -> None:
+    set_guard(harness.dev, **{**ISOLATED, "identify_per_hour": 4})
+    alice = faces.person(0)
+    started(harness, {"alice": faces.enc[alice]})
+    clients = [harness.client("gateway") for _ in range(4)]
+
+    def search(client: FaceSealClient) -> bool:
+        try:
+            client.identify(faces.genuine(alice))
+        except ResourceExhaustedError:
+            return False
+        return True
+
+    results = all_at_once([lambda c=clients[i % 4]: search(c) for i in range(16)])  # type: ignore[misc]
+    assert sum(results) <= 4, f"{sum(results)} parallel searches were answered; the budget is 4"
 
 
 # ------------------------------------------------------------------------------ caller budgets

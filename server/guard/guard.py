@@ -50,6 +50,38 @@ class _Bucket:
         self.tokens, self.stamp = tokens, stamp
 
 
+_PENDING_WAIT = 1.0  # seconds to wait when refused for guesses in flight: they end within milliseconds
+
+
+class MatchAttempt:
+    """A Match between the guard's check and its record; see ``Guard.check_match``.
+
+    ``subject_row`` is the subject's counter as the check read it (for ``record_match``).
+    ``release`` ends the attempt's place among those in flight; call it once the failure (if
+    any) is written, or on any way out (an error, a refusal later on): use try/finally.
+    """
+
+    __slots__ = ("_guard", "budget_key", "subject_key", "subject_row")
+
+    def __init__(
+        self,
+        guard: Guard | None,
+        subject_key: tuple[str, bytes],
+        budget_key: tuple[str, bytes],
+        subject_row: GuardRow | None,
+    ) -> None:
+        self._guard = guard
+        self.subject_key, self.budget_key, self.subject_row = subject_key, budget_key, subject_row
+
+    def release(self) -> None:
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard._release(self)
+
+
+_NO_ATTEMPT = MatchAttempt(None, ("", b""), ("", b""), None)  # the guard is off: nothing to count
+
+
 class Guard:
     def __init__(
         self, config: GuardConfig, store: Store, metrics: Metrics, clock: Callable[[], float] = time.time
@@ -64,6 +96,8 @@ class Guard:
         self._lock = threading.Lock()
         self._buckets: dict[str, _Bucket] = {}
         self._probes: dict[tuple[str, str], deque[F32]] = {}
+        # Matches between check and record, per subject key and per caller-budget key.
+        self._pending: dict[tuple[str, bytes], int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -100,26 +134,54 @@ class Guard:
         limit = caller.rule.failures_per_hour
         return BudgetRule(self._config.caller_failures_per_hour if limit is None else limit, 3600.0)
 
-    def check_match(self, caller: Caller, gallery: str, subject_ref: bytes) -> GuardRow | None:
+    def check_match(self, caller: Caller, gallery: str, subject_ref: bytes) -> MatchAttempt:
         """Refuse a locked subject or a caller out of failure budget; one store read for both.
 
-        Returns the subject's counter as read, for ``record_match``: a successful Match then
-        needs no second read to learn whether there is anything to reset.
+        The attempt returned is counted as a possible failure until ``finish`` records how it
+        ended or ``release`` drops it, and the checks count the attempts already in flight: a
+        Match's failure is only written after its comparison, so without them a burst of
+        parallel guesses all passed the check before the first failure was written (11 answers
+        where the lockout allows 5). Per process: N replicas or workers can each admit one
+        burst of the subject's remaining failures. The attempt also carries the subject's
+        counter as read, so a successful Match needs no second read to learn whether there is
+        anything to reset.
         """
         if not self._config.enabled:
-            return None
+            return _NO_ATTEMPT
         now = self._clock()
         subject_key = ("subject", gallery.encode() + b"\0" + subject_ref)
         budget_key = ("caller_failures", caller.identity.encode())
         rows = self._store.guard_get_many((subject_key, budget_key))
-        subject_row = rows.get(subject_key)
-        wait = _counter(subject_row).locked(now)
+        subject = _counter(rows.get(subject_key))
+        wait = subject.locked(now)
         if wait > 0:
             raise self._refuse("subject", "this subject is locked out after repeated failed matches", wait)
-        wait = self._failure_budget(caller).exhausted(_counter(rows.get(budget_key)), now)
+        budget = self._failure_budget(caller)
+        spent = _counter(rows.get(budget_key))
+        wait = budget.exhausted(spent, now)
         if wait > 0:
             raise self._refuse("caller_failures", "this caller has used up its budget of failed matches", wait)
-        return subject_row
+        rule = self._subject
+        recent = subject.count if now - subject.window_start < rule.window else 0
+        with self._lock:
+            pending_subject = self._pending.get(subject_key, 0)
+            pending_caller = self._pending.get(budget_key, 0)
+            if recent + pending_subject >= rule.failures:
+                raise self._refuse("subject", "too many Matches of this subject at once; retry", _PENDING_WAIT)
+            if budget.exhausted(spent, now, pending_caller + 1) > 0:
+                raise self._refuse("caller_failures", "too many failed-match guesses in flight; retry", _PENDING_WAIT)
+            self._pending[subject_key] = pending_subject + 1
+            self._pending[budget_key] = pending_caller + 1
+        return MatchAttempt(self, subject_key, budget_key, rows.get(subject_key))
+
+    def _release(self, attempt: MatchAttempt) -> None:
+        with self._lock:
+            for key in (attempt.subject_key, attempt.budget_key):
+                left = self._pending[key] - 1
+                if left:
+                    self._pending[key] = left
+                else:
+                    del self._pending[key]
 
     def record_match(
         self,
@@ -176,20 +238,29 @@ class Guard:
 
     def spend_identify(self, caller: Caller, searches: int = 1) -> None:
         """Spend ``searches`` of the caller's hourly Identify budget (an IdentifyBatch spends one
-        per probe, so batching is no way around it); refused whole if they do not all fit."""
+        per probe, so batching is no way around it); refused whole if they do not all fit.
+
+        Checked and spent in one store transaction: a check read apart from the write let
+        parallel calls all see the same remaining budget and together spend twice it (and
+        replicas share the row, so a lock in this process would not be enough).
+        """
         if not self._config.enabled:
             return
         now = self._clock()
         limit = caller.rule.identify_per_hour
         rule = BudgetRule(self._config.identify_per_hour if limit is None else limit, 3600.0)
-        key = caller.identity.encode()
-        wait = rule.exhausted(_counter(self._store.guard_get("identify", key)), now, searches)
-        if wait > 0:
-            if searches > rule.limit:
-                reason = (
-                    f"a batch of {searches} probes is more than this caller's Identify budget; send smaller batches"
-                )
-            else:
-                reason = "this caller has used up its Identify budget"
-            raise self._refuse("identify", reason, wait)
-        self._store.guard_update("identify", key, lambda row: _row(rule.spend(_counter(row), now, searches)))
+
+        def spend(row: GuardRow | None) -> GuardRow:
+            c = _counter(row)
+            wait = rule.exhausted(c, now, searches)
+            if wait > 0:
+                if searches > rule.limit:
+                    reason = (
+                        f"a batch of {searches} probes is more than this caller's Identify budget; send smaller batches"
+                    )
+                else:
+                    reason = "this caller has used up its Identify budget"
+                raise self._refuse("identify", reason, wait)
+            return _row(rule.spend(c, now, searches))
+
+        self._store.guard_update("identify", caller.identity.encode(), spend)

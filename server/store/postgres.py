@@ -106,6 +106,12 @@ class PostgresStore(SqlStore):
     """A Store over a PostgreSQL database, through a connection pool."""
 
     _guard_select = SqlStore._guard_select + " FOR UPDATE"
+    # An all-zero counter is the same as none (``Counter()``); the insert waits for a concurrent
+    # one of the same key to commit, so the SELECT FOR UPDATE after it always has a row to lock.
+    _guard_ensure = (
+        "INSERT INTO guard (scope, key, count, window_start, locked_until, level) VALUES (?, ?, 0, 0, 0, 0)"
+        " ON CONFLICT (scope, key) DO NOTHING"
+    )
 
     def __init__(self, url: str, *, pool_size: int = 8, timeout: float = 10.0) -> None:
         self._where = _redact(url)

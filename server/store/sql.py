@@ -296,6 +296,8 @@ class SqlStore(ABC):
 
     def guard_update(self, scope: str, key: bytes, update: Callable[[GuardRow | None], GuardRow]) -> GuardRow:
         with self._transaction() as tx:
+            if self._guard_ensure:
+                tx.execute(self._guard_ensure, (scope, key))
             row = tx.execute(self._guard_select, (scope, key)).fetchone()
             new = update((int(row[0]), float(row[1]), float(row[2]), int(row[3])) if row else None)
             tx.execute(
@@ -306,8 +308,12 @@ class SqlStore(ABC):
             )
             return new
 
-    # SQLite's write transaction locks the whole file; PostgreSQL adds FOR UPDATE to lock the row.
+    # SQLite's write transaction locks the whole file; PostgreSQL adds FOR UPDATE to lock the row,
+    # and first makes sure there is a row to lock (``_guard_ensure``): FOR UPDATE on a missing row
+    # locks nothing, so two transactions creating the same counter both started from zero and the
+    # second upsert overwrote the first's count (parallel calls each spending a fresh budget).
     _guard_select = "SELECT count, window_start, locked_until, level FROM guard WHERE scope = ? AND key = ?"
+    _guard_ensure: str | None = None
 
     # -- following ---------------------------------------------------------------------------
 
