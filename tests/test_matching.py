@@ -273,12 +273,13 @@ def test_identify_finds_other_subjects_behind_one_with_many_close_templates(metr
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("group", [1, 3, None])
+@pytest.mark.parametrize("block_rows", [1, 17, None])
 def test_identify_many_answers_every_probe_as_brute_force(
-    metric: str, group: int | None, monkeypatch: pytest.MonkeyPatch
+    metric: str, block_rows: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Whatever the group the score block allows (one probe, three, all), each probe gets what a
-    brute-force search gives it; several templates per subject and a poisoned subject included."""
+    """Whatever the rows the score block allows at once (the fewest, a few, all), each probe
+    gets what a brute-force search gives it; several templates per subject and a poisoned
+    subject included."""
     rng = np.random.default_rng(77)
     dim, n_subjects = 24, 60
     centres = rng.standard_normal((n_subjects, dim))
@@ -298,8 +299,8 @@ def test_identify_many_answers_every_probe_as_brute_force(
             g.add(sid, f"{sid}-{j}", t, subject_ref=_ref(sid))
     g.poison(_ref("s05"))
     del subjects["s05"]
-    if group is not None:
-        monkeypatch.setattr(memory, "_SCORE_BLOCK_BYTES", 4 * len(rows) * group)
+    if block_rows is not None:
+        monkeypatch.setattr(memory, "_SCORE_BLOCK_BYTES", 4 * len(probes) * block_rows)
     for top_k in (1, 4, 100):
         got = g.identify_many(probes, top_k)
         assert len(got) == len(probes)
