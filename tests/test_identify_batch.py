@@ -54,9 +54,12 @@ def test_every_probe_gets_what_identify_gives_it(enrolled: tuple[InProcessDaemon
 def test_each_probe_is_one_audited_search(enrolled: tuple[InProcessDaemon, list[F32]]) -> None:
     daemon, probes = enrolled
     before = len(audit_lines(daemon.dev))
-    daemon.client("gateway").identify_batch(probes[:5])
+    answers = daemon.client("gateway").identify_batch([probes[0], probes[-1], probes[1], probes[-1], probes[2]])
     records = audit_lines(daemon.dev)[before:]
     assert len(records) == 5
+    assert [r["candidates"] for r in records] == [len(found) for found in answers]
+    assert [r["candidates"] for r in records][1::2] == [0, 0]  # the stranger's
+    assert len({r["request_id"] for r in records}) == 1
     assert {r["method"] for r in records} == {"/faceseal.v1.FaceSealService/IdentifyBatch"}
     assert {r["outcome"] for r in records} == {"OK"}
 
