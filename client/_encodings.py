@@ -21,6 +21,16 @@ EncodingLike: TypeAlias = npt.NDArray[np.floating[Any]] | Sequence[float]
 
 def load_encoding(path: Path | str) -> npt.NDArray[np.float32]:
     """Read one encoding as float32, the precision it travels in, so what you see is what is sent."""
+    values = load_encodings(path)
+    if values.shape[0] != 1:
+        raise ValueError(f"{path}: expected one encoding (a 1-D array), got shape {values.shape}")
+    one: npt.NDArray[np.float32] = values[0]
+    return one
+
+
+def load_encodings(path: Path | str) -> npt.NDArray[np.float32]:
+    """Read one encoding (a 1-D array) or several (one per row of a 2-D array) as an N x dim
+    float32 matrix: several probes for one IdentifyBatch."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npy":
@@ -29,10 +39,10 @@ def load_encoding(path: Path | str) -> npt.NDArray[np.float32]:
         values = _read_json(path)
     else:
         raise ValueError(f"{path}: unsupported encoding file type {suffix or '(none)'!r}; use .npy or .json")
-    if values.ndim == 2 and values.shape[0] == 1:
-        values = values[0]
-    if values.ndim != 1:
-        raise ValueError(f"{path}: expected one encoding (a 1-D array), got shape {values.shape}")
+    if values.ndim == 1:
+        values = values[np.newaxis, :]
+    if values.ndim != 2:
+        raise ValueError(f"{path}: expected encodings as a 1-D or 2-D array, got shape {values.shape}")
     if values.size == 0:
         raise ValueError(f"{path}: the encoding is empty")
     return values.astype(np.float32)

@@ -29,7 +29,7 @@ import grpc
 
 from faceseal.client._admin import AdminClient, RewrapProgress
 from faceseal.client._client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Connection, FaceSealClient
-from faceseal.client._encodings import load_encoding
+from faceseal.client._encodings import load_encoding, load_encodings
 from faceseal.client._errors import FaceSealClientError
 from faceseal.client._import import (
     DEFAULT_BATCH,
@@ -79,13 +79,30 @@ def _match(client: FaceSealClient, args: argparse.Namespace) -> _Output:
 
 
 def _identify(client: FaceSealClient, args: argparse.Namespace) -> _Output:
-    probe = load_encoding(args.probe_file)
-    candidates = client.identify(probe, top_k=args.top_k, gallery=args.gallery)
-    lines = [c.subject_id + _distance(c.distance) for c in candidates]
-    return _Output(
-        {"candidates": [{"subject_id": c.subject_id, "distance": c.distance} for c in candidates]},
-        "\n".join(lines) if lines else "no candidate within threshold",
-    )
+    probes = load_encodings(args.probe_file)
+    if probes.shape[0] == 1:
+        candidates = client.identify(probes[0], top_k=args.top_k, gallery=args.gallery)
+        lines = [c.subject_id + _distance(c.distance) for c in candidates]
+        return _Output(
+            {"candidates": [{"subject_id": c.subject_id, "distance": c.distance} for c in candidates]},
+            "\n".join(lines) if lines else "no candidate within threshold",
+        )
+    # Several probes (one per row): IdentifyBatch, at most --batch probes per call.
+    answers = [
+        found
+        for first in range(0, probes.shape[0], args.batch)
+        for found in client.identify_batch(probes[first : first + args.batch], top_k=args.top_k, gallery=args.gallery)
+    ]
+    none = "no candidate within threshold"
+    text = [
+        f"probe {i}: " + (", ".join(c.subject_id + _distance(c.distance) for c in found) or none)
+        for i, found in enumerate(answers)
+    ]
+    results: list[JsonValue] = [
+        {"probe": i, "candidates": [{"subject_id": c.subject_id, "distance": c.distance} for c in found]}
+        for i, found in enumerate(answers)
+    ]
+    return _Output({"results": results}, "\n".join(text))
 
 
 def _delete(client: FaceSealClient, args: argparse.Namespace) -> _Output:
@@ -350,8 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     gallery(sub)
 
     sub = command("identify", _identify, "1:N - which subjects is the probe close to?")
-    sub.add_argument("probe_file", type=Path, help=".npy or .json")
+    sub.add_argument("probe_file", type=Path, help=".npy or .json; several probes (one per row) are one IdentifyBatch")
     sub.add_argument("--top-k", type=_positive(int), default=5, help="most candidates wanted (default 5)")
+    sub.add_argument(
+        "--batch",
+        type=_positive(int),
+        default=64,
+        help="most probes per IdentifyBatch call (default 64, the daemon's default max_identify_batch)",
+    )
     gallery(sub)
 
     sub = command("import", _import, "enroll every encoding of a file, in BulkEnroll batches; resumable")

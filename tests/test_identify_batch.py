@@ -3,12 +3,16 @@ Identify gives it, each probe is one audited search, and a batch is refused whol
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import grpc
 import numpy as np
 import pytest
 from helpers import F32, Dev, InProcessDaemon, db_snapshot, load_real_encodings, rpc_error
 from test_audit import audit_lines
 
+from faceseal.client.cli import main
 from faceseal.v1 import faceseal_pb2 as pb
 
 
@@ -98,3 +102,27 @@ def test_identify_batch_needs_the_identify_permission(enrolled: tuple[InProcessD
     request = pb.IdentifyBatchRequest(probes=[pb.Probe(encoding=probes[0].tolist())], top_k=1)
     err = rpc_error(lambda: daemon.stub("enroller").IdentifyBatch(request, timeout=10))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_the_cli_sends_a_file_of_several_probes_as_identify_batches(
+    enrolled: tuple[InProcessDaemon, list[F32]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon, probes = enrolled
+    path = tmp_path / "probes.npy"
+    np.save(path, np.stack(probes[:5] + probes[-1:]))  # five people, then the stranger
+    argv = ["--profile", "gateway", "--dev-dir", str(daemon.dev.dir), "--target", daemon.target, "--json"]
+    # --batch 4: two IdentifyBatch calls; the answers still come back in file order.
+    before = len(audit_lines(daemon.dev))
+    assert main([*argv, "identify", str(path), "--top-k", "1", "--batch", "4"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert len({r["request_id"] for r in audit_lines(daemon.dev)[before:]}) == 2
+    want = daemon.client("gateway").identify_batch(probes[:5] + probes[-1:], top_k=1)
+    assert results == [
+        {"probe": i, "candidates": [{"subject_id": c.subject_id, "distance": None} for c in found]}
+        for i, found in enumerate(want)
+    ]
+    assert results[-1]["candidates"] == []
+    assert main([*argv[:-1], "identify", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6
+    assert lines[-1] == "probe 5: no candidate within threshold"
