@@ -208,6 +208,7 @@ class FaceSealClient(Connection):
         gallery: str = "",
         replace: bool = False,
         timeout: float | None = None,
+        idempotency_key: str = "",
     ) -> list[BulkResult]:
         """Enroll ``(subject_id, encoding)`` pairs over one BulkEnroll stream; one result per item, in order.
 
@@ -218,6 +219,12 @@ class FaceSealClient(Connection):
         (an exception here: no permission, sealed, more items than the daemon's ``max_batch``, a
         deadline, or ``items`` raising while it is read) stored nothing, so sending the same items
         again is safe. ``items`` is read lazily, once; ``timeout`` bounds the whole stream.
+
+        ``idempotency_key`` (1-128 characters of ``[A-Za-z0-9._:@-]``) names the batch: sent
+        again under the same key within 7 days, the same items are not stored twice and the
+        first answer comes back, which covers a call that committed but whose answer was lost.
+        Use one key per distinct batch: other items under a used key are refused
+        (``FailedPreconditionError``).
         """
         subjects: list[str] = []
         failure: list[BaseException] = []
@@ -226,7 +233,7 @@ class FaceSealClient(Connection):
             # gRPC reads this iterator on a thread of its own and only cancels the call if it
             # raises; keep the exception, so the caller sees it rather than a bare CANCELLED.
             try:
-                request, size = faceseal_pb2.BulkEnrollRequest(), 0
+                request, size = faceseal_pb2.BulkEnrollRequest(idempotency_key=idempotency_key), 0
                 for subject_id, encoding in items:
                     floats = as_floats(encoding)
                     request.items.add(gallery=gallery, subject_id=subject_id, encoding=floats, replace=replace)

@@ -13,10 +13,15 @@ Resuming: the daemon stores a BulkEnroll stream all or nothing, so after each an
 number of items done is written to the state file (atomically: a temporary file, fsync, rename).
 A rerun of the same command skips those items; a batch that was cut off mid-stream stored nothing
 and is simply sent again. The state records the input's sha256: a changed file is refused, since
-its items no longer line up with the count (``--restart`` starts over). What this cannot cover is
-a client killed after the daemon committed a batch but before the state was written (kill -9,
-power loss): that one batch is sent twice on rerun. SIGINT and SIGTERM therefore only stop the
-import between batches, never inside one.
+its items no longer line up with the count (``--restart`` starts over).
+
+A client killed after the daemon committed a batch but before the state was written (kill -9,
+power loss) does not store that batch twice either: the state names the batch before it is sent
+(``sending``), every batch goes with an idempotency key made of the import's random run id and
+its item range, and the rerun resends exactly that range under the same key, so the daemon
+answers it from its record of the first commit (kept 7 days). A new import of the same file (no
+state file, or ``--restart``) gets a new run id: importing a file again is never mistaken for a
+resend. SIGINT and SIGTERM still only stop the import between batches, never inside one.
 
 Nothing here prints or records an encoding; error messages name the file, a line or an index.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import signal
 import tempfile
 import threading
@@ -43,8 +49,21 @@ import numpy as np
 import numpy.typing as npt
 
 from faceseal.client._client import FaceSealClient
+from faceseal.client._errors import FaceSealClientError
 
-STATE_FORMAT = "faceseal-import-state/1"
+STATE_FORMAT = "faceseal-import-state/2"
+# Whole-stream failures that mean the daemon stored nothing of the batch.
+_REFUSED_UNSTORED = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    }
+)
+_OLD_STATE_FORMATS = ("faceseal-import-state/1",)  # no run id, no batch in flight: read as such
 STATE_SUFFIX = ".import-state"
 DEFAULT_BATCH = 500
 IMPORT_SUFFIXES = (".npz", ".npy", ".jsonl", ".ndjson")
@@ -222,6 +241,14 @@ class ImportState:
     done: int = 0
     imported: int = 0
     refused: list[tuple[int, str, str]] = field(default_factory=list)  # (index, code name, message)
+    # This import's random id (a new one per fresh import or --restart): with an item range, the
+    # idempotency key of a batch.
+    run: str = field(default_factory=lambda: secrets.token_hex(8))
+    # The item range of a batch sent but not yet answered, or None.
+    sending: tuple[int, int] | None = None
+
+    def batch_key(self, first: int, end: int) -> str:
+        return f"import-{self.run}-{first}-{end}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -236,11 +263,13 @@ class ImportState:
             "done": self.done,
             "imported": self.imported,
             "refused": [list(r) for r in self.refused],
+            "run": self.run,
+            "sending": None if self.sending is None else list(self.sending),
         }
 
     @classmethod
     def from_json(cls, document: object, where: Path) -> ImportState:
-        if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
+        if not isinstance(document, dict) or document.get("format") not in (STATE_FORMAT, *_OLD_STATE_FORMATS):
             raise ImportStateError(f"{where}: not a faceseal import state file")
         try:
             state = cls(
@@ -255,9 +284,15 @@ class ImportState:
                 imported=int(document["imported"]),
                 refused=[(int(i), str(c), str(m)) for i, c, m in document["refused"]],
             )
-        except (KeyError, TypeError, ValueError) as exc:
+            if document["format"] == STATE_FORMAT:
+                state.run = str(document["run"])
+                sending = document["sending"]
+                state.sending = None if sending is None else (int(sending[0]), int(sending[1]))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ImportStateError(f"{where}: a damaged import state file; delete it or pass --restart") from exc
-        if not 0 <= state.done <= state.total:
+        valid_run = len(state.run) == 16 and all(c in "0123456789abcdef" for c in state.run)
+        in_flight = state.sending is None or state.done == state.sending[0] < state.sending[1] <= state.total
+        if not (0 <= state.done <= state.total and valid_run and in_flight):
             raise ImportStateError(f"{where}: a damaged import state file; delete it or pass --restart")
         return state
 
@@ -413,16 +448,34 @@ def run_import(
             if stop_after_batches is not None and sent_batches >= stop_after_batches:
                 stopped_by = "--stop-after-batches"
                 break
-            first, end = state.done, min(state.total, state.done + batch)
-            results = client.bulk_enroll(
-                _items(source, first, end), gallery=state.gallery, replace=state.replace, timeout=timeout
-            )
+            # A batch the previous run sent without recording its answer goes again exactly as it
+            # was (same range, same key), whatever --batch says now: the daemon may have stored it.
+            first, end = state.sending or (state.done, min(state.total, state.done + batch))
+            state.sending = (first, end)
+            save_state(state_path, state)
+            try:
+                results = client.bulk_enroll(
+                    _items(source, first, end),
+                    gallery=state.gallery,
+                    replace=state.replace,
+                    timeout=timeout,
+                    idempotency_key=state.batch_key(first, end),
+                )
+            except Exception as exc:
+                # Refused before anything was stored (or the stream never ended): nothing to
+                # resend as it was, and a rerun may need another --batch (e.g. over max_batch).
+                # After UNAVAILABLE, a deadline or a lost connection the batch may have been
+                # committed, so it stays named for the rerun.
+                if not isinstance(exc, FaceSealClientError) or exc.code in _REFUSED_UNSTORED:
+                    state.sending = None
+                    save_state(state_path, state)
+                raise
             for r in results:
                 if r.code is grpc.StatusCode.OK:
                     state.imported += 1
                 else:
                     state.refused.append((first + r.index, r.code.name, r.message))
-            state.done = end
+            state.done, state.sending = end, None
             save_state(state_path, state)
             sent_batches += 1
             if progress is not None:

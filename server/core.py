@@ -10,9 +10,12 @@ same order.
 from __future__ import annotations
 
 import gc
+import hmac
+import json
 import logging
 import secrets
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -25,8 +28,8 @@ from faceseal.server import validation
 from faceseal.server.audit.log import AuditEntry, AuditLog, derive_audit_key, subject_hmac
 from faceseal.server.auth.policy import Caller, Permission
 from faceseal.server.config import Config, GalleryConfig
-from faceseal.server.crypto import vault
-from faceseal.server.crypto.barrier import Barrier, SealedTemplate
+from faceseal.server.crypto import blob, vault
+from faceseal.server.crypto.barrier import Barrier, KeyedHash, SealedTemplate
 from faceseal.server.errors import (
     FaceSealError,
     FailedPrecondition,
@@ -42,12 +45,21 @@ from faceseal.server.guard.guard import Guard
 from faceseal.server.matching.distance import F32
 from faceseal.server.metrics import Metrics
 from faceseal.server.seal.base import Seal, SealError
-from faceseal.server.store.base import ChangesPruned, Store, StoreError, TemplateRow
+from faceseal.server.store.base import BatchRecord, ChangesPruned, Store, StoreError, TemplateRow
 
 log = logging.getLogger("faceseal.core")
 
 DISTANCE_DECIMALS = 3
 _OPEN_BATCH = 4096  # rows decrypted per append to the in-memory matrix at unseal
+# Contexts of the keyed hashes that remember a BulkEnroll stream (see ``Core.bulk_enroll``).
+_BATCH_KEY_CONTEXT = b"faceseal/batch-key/v1"
+_BATCH_DIGEST_CONTEXT = b"faceseal/batch-digest/v1"
+# The per-item refusals a BulkEnroll answer carries, by the code a replay gives them back with.
+_ITEM_ERRORS: dict[str, type[FaceSealError]] = {
+    "INVALID_ARGUMENT": InvalidArgument,
+    "PERMISSION_DENIED": PermissionDenied,
+    "NOT_FOUND": NotFound,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,24 +373,51 @@ class Core:
         item = self._prepare(caller, gallery_name, subject_id, encoding, replace)
         return self._commit([item])[0]
 
-    def bulk_enroll(self, caller: Caller, items: Iterable[EnrollItem]) -> list[EnrollOutcome | FaceSealError]:
+    def bulk_enroll(
+        self, caller: Caller, items: Iterable[EnrollItem], idempotency_key: str = ""
+    ) -> list[EnrollOutcome | FaceSealError]:
         """Validate every item, then store all valid ones in one transaction, in stream order.
 
         An invalid item is reported and skipped; the rest commit together or not at all (a
         stream that breaks off, an audit log that cannot be written), so a client can resend
         a whole batch without duplicating templates.
+
+        ``idempotency_key`` covers the one case that leaves: a client that lost the answer of a
+        committed stream (killed after the commit) and sends it again. The commit remembers the
+        stream by a keyed hash of (caller, key) with a keyed digest of its items; a stream that
+        comes again under the same key gets the first answer back and stores nothing, and one
+        with other items under a used key is refused whole (FAILED_PRECONDITION): storing it or
+        answering it with the first stream's results would both lose its items.
         """
         self.guard.admit(caller)
+        key = validation.idempotency_key(idempotency_key) if idempotency_key else ""
+        state = self._unsealed()
+        digest = state.barrier.keyed_hash(_BATCH_DIGEST_CONTEXT) if key else None
         prepared: list[_Pending | FaceSealError] = []
         for n, item in enumerate(items):
             if n >= self._config.server.max_batch:
                 raise InvalidArgument(f"a BulkEnroll stream holds at most {self._config.server.max_batch} items")
+            if digest is not None:
+                _digest_item(digest, *item)
             try:
                 prepared.append(self._prepare(caller, *item, admit=False))
             except (InvalidArgument, PermissionDenied, NotFound) as exc:
                 prepared.append(exc)
+        batch = None
+        if digest is not None:
+            name = state.barrier.keyed_hash(_BATCH_KEY_CONTEXT)
+            for part in (caller.identity, key):
+                name.update(blob.field(part.encode()))
+            stored = self._store.batch(name.digest())
+            if stored is not None:
+                if not hmac.compare_digest(stored.digest, digest.digest()):
+                    raise FailedPrecondition(
+                        "this idempotency_key was used for a stream with other items; nothing was stored"
+                    )
+                return _outcomes_from_json(stored.outcome)
+            batch = BatchRecord(name.digest(), digest.digest(), _outcomes_to_json(prepared), time.time())
         valid = [p for p in prepared if isinstance(p, _Pending)]
-        outcomes = iter(self._commit(valid, counts=False)) if valid else iter(())
+        outcomes = iter(self._commit(valid, counts=False, batch=batch)) if valid else iter(())
         return [next(outcomes) if isinstance(p, _Pending) else p for p in prepared]
 
     def _prepare(
@@ -396,11 +435,14 @@ class Core:
         vector = validation.vector(encoding, gallery.config.dimension, "encoding")
         return _Pending(gallery, subject_id, vector, replace, secrets.token_hex(16))
 
-    def _commit(self, items: Sequence[_Pending], *, counts: bool = True) -> list[EnrollOutcome]:
+    def _commit(
+        self, items: Sequence[_Pending], *, counts: bool = True, batch: BatchRecord | None = None
+    ) -> list[EnrollOutcome]:
         """Audit, seal and store ``items`` in one transaction, then add them to memory.
 
         ``counts``: report each subject's template count (Enroll answers it; BulkEnroll does not,
-        and skipping it saves the store a count per item).
+        and skipping it saves the store a count per item). ``batch``: the stream to remember
+        by its idempotency key, in the same transaction.
         """
         with self._write_lock:
             # On record before anything is stored (fail closed), all of a batch in one write.
@@ -419,7 +461,7 @@ class Core:
                 )
                 rows.append((row, item.replace))
             with self._retract_on_store_failure(entries):
-                stored = self._store.put_templates(rows, counts=counts)
+                stored = self._store.put_templates(rows, counts=counts, batch=batch)
             self._own.add(self._store.last_revision)
             self._remember(items, [row.subject_ref for row, _ in rows])
         for gallery in {id(i.gallery): i.gallery for i in items}.values():
@@ -642,6 +684,35 @@ def _no_cyclic_gc() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def _digest_item(digest: KeyedHash, gallery: str, subject_id: str, encoding: Sequence[float], replace: bool) -> None:
+    """Feed one item, as received (refused ones too), to a stream's digest: every field length
+    prefixed, the encoding as float64 (exactly the wire's float32 values, whatever they are)."""
+    for part in (gallery.encode(), subject_id.encode(), np.array(encoding, dtype=np.float64).tobytes()):
+        digest.update(blob.field(part))
+    digest.update(b"\1" if replace else b"\0")
+
+
+def _outcomes_to_json(prepared: Sequence[_Pending | FaceSealError]) -> bytes:
+    """A stream's answer as the store keeps it for a replay: per item a template id or a refusal
+    (code and message: messages state rules, never values). No subject ids, no encodings."""
+    items: list[list[str]] = []
+    for p in prepared:
+        if isinstance(p, _Pending):
+            items.append(["OK", p.template_id])
+        else:
+            code = next(c for c, kind in _ITEM_ERRORS.items() if isinstance(p, kind))
+            items.append([code, str(p)])
+    return json.dumps(items, separators=(",", ":")).encode()
+
+
+def _outcomes_from_json(data: bytes) -> list[EnrollOutcome | FaceSealError]:
+    outcomes: list[EnrollOutcome | FaceSealError] = []
+    for code, value in json.loads(data):
+        # The subject id is not kept; a BulkEnroll answer does not carry it.
+        outcomes.append(EnrollOutcome("", value, 0) if code == "OK" else _ITEM_ERRORS[code](value))
+    return outcomes
 
 
 def _disclose(caller: Caller, value: float) -> float | None:

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 DENIAL_REASONS = ("unknown_identity", "no_permission", "gallery_not_allowed", "revoked", "expired")
-GUARD_SCOPES = ("subject", "caller_rate", "caller_failures", "identify", "probe_similarity")
+GUARD_SCOPES = ("subject", "caller_rate", "caller_failures", "identify", "probe_similarity", "in_flight")
 
 
 class Metrics:

@@ -35,6 +35,12 @@ def subject_id(value: str) -> str:
     return value
 
 
+def idempotency_key(value: str) -> str:
+    if not SUBJECT_ID.fullmatch(value):
+        raise InvalidArgument("idempotency_key must be 1-128 characters of [A-Za-z0-9._:@-], or empty for none")
+    return value
+
+
 def gallery_name(value: str) -> str:
     if not GALLERY_NAME.fullmatch(value):
         raise InvalidArgument("gallery must be 1-64 characters of [A-Za-z0-9._-], or empty for the default")

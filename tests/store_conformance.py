@@ -27,7 +27,16 @@ from typing import Any
 
 import pytest
 
-from faceseal.server.store.base import ChangesPruned, GuardRow, Store, StoreError, TemplateRow, WrappedKey
+from faceseal.server.store.base import (
+    BATCH_RETENTION_SECONDS,
+    BatchRecord,
+    ChangesPruned,
+    GuardRow,
+    Store,
+    StoreError,
+    TemplateRow,
+    WrappedKey,
+)
 
 Reopen = Callable[[Store], Store]
 
@@ -445,6 +454,32 @@ class StoreConformance(ChangeLogConformance):
         assert both == {("subject", b"g\0a"): (2, 10.0, 0.0, 0), ("caller_failures", b"gw"): (7, 1.5, 99.25, 2)}
         assert store.guard_get_many([("caller_failures", b"g\0b")]) == {}  # scope and key must both match
         assert store.revision() == revision, "guard counters change no gallery: the revision stays"
+
+    def test_a_batch_is_remembered_with_its_rows_or_not_at_all(self, store: Store) -> None:
+        now = 1_800_000_000.0
+        first = BatchRecord(b"k" * 32, b"d" * 32, b'[["OK","x"]]', now)
+        assert store.batch(first.key) is None
+        store.put_templates([(row("g1", "alice", "a1"), False)], counts=False, batch=first)
+        assert store.batch(first.key) == first
+        # The same key again fails the whole transaction: its rows are not stored either.
+        again = BatchRecord(first.key, b"e" * 32, b"[]", now + 1)
+        with pytest.raises(StoreError):
+            store.put_templates([(row("g1", "bob", "b1"), False)], counts=False, batch=again)
+        assert [r.template_id for r in rows_of(store, "g1")] == [tid("a1")]
+        assert store.batch(first.key) == first
+
+    def test_batches_older_than_the_retention_are_forgotten_on_the_next_commit(self, store: Store) -> None:
+        now = 1_800_000_000.0
+        old = BatchRecord(b"o" * 32, b"d" * 32, b"[]", now - BATCH_RETENTION_SECONDS - 1)
+        kept = BatchRecord(b"p" * 32, b"d" * 32, b"[]", now - BATCH_RETENTION_SECONDS + 60)
+        store.put_templates([(row("g1", "alice", "a1"), False)], counts=False, batch=old)
+        store.put_templates([(row("g1", "alice", "a2"), False)], counts=False, batch=kept)
+        assert store.batch(old.key) == old  # nothing newer had committed when it was written
+        store.put_templates(
+            [(row("g1", "alice", "a3"), False)], counts=False, batch=BatchRecord(b"n" * 32, b"d" * 32, b"[]", now)
+        )
+        assert store.batch(old.key) is None
+        assert store.batch(kept.key) == kept
 
     def test_guard_updates_from_parallel_threads_all_count(self, store: Store) -> None:
         """The guard's counters are read-modify-write: parallel updates of one counter, the very

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -201,3 +203,94 @@ def test_a_message_in_the_former_one_item_format_is_refused_not_read_as_empty(
         stub(daemon, "enroller").BulkEnroll(iter([pb.BulkEnrollRequest()]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert db_snapshot(dev.db_path) == before
+
+
+def keyed(key: str, messages: Iterable[pb.BulkEnrollRequest]) -> Iterator[pb.BulkEnrollRequest]:
+    """``committed(messages)`` with ``key`` on the first message."""
+    for n, message in enumerate(committed(messages)):
+        if n == 0:
+            message.idempotency_key = key
+        yield message
+
+
+def test_a_stream_sent_again_under_its_key_is_answered_not_stored_again(harness: InProcessDaemon, dev: Dev) -> None:
+    harness.start()
+    enc = random_encodings(4, seed=11)
+    stream = [item("k0", enc[0]), item("bad id!", enc[1]), item("k2", enc[2]), item("k3", enc[3])]
+    first = stub(harness, "enroller").BulkEnroll(keyed("batch-0001", stream))
+    assert [r.code for r in first.results] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0], 0, 0]
+    stored = db_snapshot(dev.db_path)
+    assert len(stored["templates"]) == 3
+    # The answer was lost (the client was killed after the commit); it sends the stream again,
+    # even after the daemon restarted: the same answer, nothing stored twice.
+    harness.restart()
+    again = stub(harness, "enroller").BulkEnroll(keyed("batch-0001", stream))
+    assert again == first
+    assert db_snapshot(dev.db_path)["templates"] == stored["templates"]
+    # Neither the key nor a subject id is on disk in clear.
+    data = dev.db_path.read_bytes() + b"".join(p.read_bytes() for p in dev.db_path.parent.glob("*-wal"))
+    assert b"batch-0001" not in data
+    assert b"k2" not in data
+    # Another caller's key is its own: the same key and items from it are a new batch.
+    dev.add_caller("enroller2", ["enroll"])
+    harness.restart()
+    other = stub(harness, "enroller2").BulkEnroll(keyed("batch-0001", stream))
+    assert [r.code for r in other.results] == [r.code for r in first.results]
+    assert {r.template_id for r in other.results if r.template_id}.isdisjoint(r.template_id for r in first.results)
+
+
+def test_other_items_under_a_used_key_are_refused_whole(daemon: InProcessDaemon, dev: Dev) -> None:
+    enc = random_encodings(3, seed=12)
+    stub(daemon, "enroller").BulkEnroll(keyed("import-a-0-2", [item("o0", enc[0]), item("o1", enc[1])]))
+    before = db_snapshot(dev.db_path)
+    for changed in (
+        [item("o0", enc[0]), item("o1", enc[2])],  # another encoding
+        [item("o0", enc[0]), item("o1", enc[1], replace=True)],  # another flag
+        [item("o0", enc[0])],  # fewer items
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            stub(daemon, "enroller").BulkEnroll(keyed("import-a-0-2", changed))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "other items" in (err.value.details() or "")
+    assert db_snapshot(dev.db_path) == before
+
+
+def test_an_idempotency_key_is_checked_and_belongs_on_the_first_message(daemon: InProcessDaemon, dev: Dev) -> None:
+    enc = random_encodings(2, seed=13)
+    before = db_snapshot(dev.db_path)
+    for key in ("has space", "k" * 129, "zoë"):
+        with pytest.raises(grpc.RpcError) as err:
+            stub(daemon, "enroller").BulkEnroll(keyed(key, [item("i0", enc[0])]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "idempotency_key" in (err.value.details() or "")
+        assert key not in (err.value.details() or "")
+    late = item("i1", enc[1])
+    late.idempotency_key = "late-key"
+    with pytest.raises(grpc.RpcError) as err:
+        stub(daemon, "enroller").BulkEnroll(committed([item("i0", enc[0]), late]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "first message" in (err.value.details() or "")
+    assert db_snapshot(dev.db_path) == before
+
+
+def test_the_same_keyed_stream_twice_at_once_is_stored_once(daemon: InProcessDaemon, dev: Dev) -> None:
+    enc = random_encodings(50, seed=14)
+    stream = [item(f"c{i}", enc[i]) for i in range(50)]
+    start = threading.Barrier(2)
+
+    def send() -> pb.BulkEnrollResponse | grpc.StatusCode:
+        start.wait()
+        try:
+            return stub(daemon, "enroller").BulkEnroll(keyed("twice-at-once", stream))
+        except grpc.RpcError as err:
+            return err.code()
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: send(), range(2)))
+    # One commits; the other is answered from its record, or fails UNAVAILABLE if it lost the
+    # race to commit (its own rows rolled back), and a resend is then answered from the record.
+    assert all(a == grpc.StatusCode.UNAVAILABLE or isinstance(a, pb.BulkEnrollResponse) for a in answers)
+    assert len(db_snapshot(dev.db_path)["templates"]) == 50
+    resent = stub(daemon, "enroller").BulkEnroll(keyed("twice-at-once", stream))
+    assert all(a == resent for a in answers if isinstance(a, pb.BulkEnrollResponse))
+    assert len(db_snapshot(dev.db_path)["templates"]) == 50

@@ -278,6 +278,14 @@ def test_parallel_failed_matches_get_no_more_answers_than_the_lockout_allows(
     answers = [r for r in results if r is not None]
     assert not any(r.match for r in answers)
     assert len(answers) <= 5, f"{len(answers)} parallel guesses were answered; the lockout allows 5"
+    counts = rejections(harness)  # the refused ones: in flight together, or after the lockout
+    assert counts["in_flight"] + counts["subject"] == len(results) - len(answers)
+    # Guessing on one by one, the attacker gets the rest of the 5 and then the lockout: the
+    # burst bought nothing (a guess refused as "in flight" is no answer, and counts nothing).
+    more = 0
+    while answered(clients[0], "alice", guesses[more]) is not None:
+        more += 1
+    assert len(answers) + more == 5
     assert refused(lambda: clients[0].match("alice", faces.genuine(alice))).retry_after
 
 
@@ -371,7 +379,7 @@ def test_identify_batch_spends_one_search_per_probe(harness: InProcessDaemon, fa
     assert [[c.subject_id for c in found] for found in answers] == [["alice"]] * 3
     # Two searches are left: a batch of three is refused whole, spending nothing ...
     err = refused(lambda: gateway.identify_batch([probe] * 3))
-    assert "used up its Identify budget" in err.message
+    assert "2 Identify searches left" in err.message
     assert [c.subject_id for c in gateway.identify_batch([probe] * 2)[1]] == ["alice"]
     # ... and then nothing is left, for a batch or a single Identify.
     refused(lambda: gateway.identify(probe))
@@ -537,7 +545,14 @@ def test_refusals_show_in_the_metrics_and_the_audit_log(harness: InProcessDaemon
 
     counts = rejections(harness)
     assert set(counts) == set(GUARD_SCOPES)
-    assert counts == {"subject": 2, "caller_failures": 1, "identify": 1, "caller_rate": 0, "probe_similarity": 0}
+    assert counts == {
+        "subject": 2,
+        "caller_failures": 1,
+        "identify": 1,
+        "caller_rate": 0,
+        "probe_similarity": 0,
+        "in_flight": 0,
+    }
 
     exhausted = [r for r in audit_records(harness) if r["outcome"] == "RESOURCE_EXHAUSTED"]
     assert [(r["method"], r["subject"]) for r in exhausted] == [

@@ -399,11 +399,19 @@ def test_prometheus_counts_exactly_the_calls_made(daemon: InProcessDaemon, prome
         ("Identify", "OK"): 1,
         ("Delete", "OK"): 0,  # zero-initialised, never called
         ("BulkEnroll", "OK"): 0,
+        ("IdentifyBatch", "OK"): 0,
     }
     started = _by(prometheus.query(f"grpc_server_started_total{{{ours}}}"), "grpc_method")
-    assert started == {("Enroll",): 6, ("Match",): 5, ("Identify",): 1, ("Delete",): 0, ("BulkEnroll",): 0}
+    assert started == {
+        ("Enroll",): 6,
+        ("Match",): 5,
+        ("Identify",): 1,
+        ("Delete",): 0,
+        ("BulkEnroll",): 0,
+        ("IdentifyBatch",): 0,
+    }
     latencies = _by(prometheus.query(f"grpc_server_handling_seconds_count{{{ours}}}"), "grpc_method")
-    assert latencies == {("Enroll",): 6, ("Match",): 5, ("Identify",): 1, ("Delete",): 0, ("BulkEnroll",): 0}
+    assert latencies == started
 
     decisions = _by(prometheus.query(f'faceseal_match_decisions_total{{job="{JOB}"}}'), "gallery", "decision")
     assert decisions == {("faces", "match"): 2, ("faces", "no_match"): 1}

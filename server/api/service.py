@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import chain
 
 import grpc
 
@@ -90,10 +91,12 @@ class FaceSealServicer(pb_grpc.FaceSealServiceServicer):
     def BulkEnroll(
         self, request_iterator: Iterator[pb.BulkEnrollRequest], context: grpc.ServicerContext
     ) -> pb.BulkEnrollResponse:
-        messages = _committed(request_iterator)
-        items = ((i.gallery, i.subject_id, i.encoding, i.replace) for r in messages for i in r.items)
         try:
-            outcomes = self._core.bulk_enroll(caller(), items)
+            messages = _committed(request_iterator)
+            first = next(messages)  # _committed raises for an empty stream: it has no commit
+            rest = _no_later_key(messages)
+            items = ((i.gallery, i.subject_id, i.encoding, i.replace) for r in chain([first], rest) for i in r.items)
+            outcomes = self._core.bulk_enroll(caller(), items, first.idempotency_key)
         except Exception as exc:
             abort(context, exc)
         response = pb.BulkEnrollResponse()
@@ -103,6 +106,15 @@ class FaceSealServicer(pb_grpc.FaceSealServiceServicer):
             else:
                 response.results.add(index=index, code=code_for(outcome).value[0], message=str(outcome))
         return response
+
+
+def _no_later_key(requests: Iterator[pb.BulkEnrollRequest]) -> Iterator[pb.BulkEnrollRequest]:
+    """The messages after the first, none of which may name an idempotency key: a key that
+    changed mid-stream would leave it unclear which batch the stream is."""
+    for request in requests:
+        if request.idempotency_key:
+            raise InvalidArgument("idempotency_key belongs on the first message of a BulkEnroll stream only")
+        yield request
 
 
 def _committed(requests: Iterator[pb.BulkEnrollRequest]) -> Iterator[pb.BulkEnrollRequest]:

@@ -63,6 +63,26 @@ class SealedTemplate:
         return f"SealedTemplate(v{self.key_version}, <{len(self.template_blob)} sealed bytes>)"
 
 
+class KeyedHash:
+    """An HMAC in progress (see ``Barrier.keyed_hash``); it never shows its key or its input."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, inner: hashlib._Hash, outer: hashlib._Hash) -> None:
+        self._inner, self._outer = inner, outer
+
+    def update(self, data: bytes) -> None:
+        self._inner.update(data)
+
+    def digest(self) -> bytes:
+        outer = self._outer.copy()
+        outer.update(self._inner.digest())
+        return outer.digest()
+
+    def __repr__(self) -> str:
+        return "KeyedHash(<hidden>)"
+
+
 class Barrier:
     """Seal and open template blobs with the data keys of one keyring."""
 
@@ -88,6 +108,14 @@ class Barrier:
     def subject_ref(self, gallery: str, subject_id: str) -> bytes:
         """A stable, keyed name for a subject, so the store can index rows without the id in clear."""
         return self._ref(_SUBJECT_REF_CONTEXT + b"\0" + gallery.encode() + b"\0" + subject_id.encode())
+
+    def keyed_hash(self, context: bytes) -> KeyedHash:
+        """An HMAC-SHA256 under the index key, fed incrementally, for values the store may keep
+        but must not be able to read or link without the key (idempotency keys, batch digests).
+        Feed length-prefixed fields (``blob.field``) so that no two inputs run together."""
+        inner = self._hmac_inner.copy()
+        inner.update(blob.field(context))
+        return KeyedHash(inner, self._hmac_outer)
 
     def _ref(self, msg: bytes) -> bytes:
         inner = self._hmac_inner.copy()

@@ -137,42 +137,50 @@ class Guard:
     def check_match(self, caller: Caller, gallery: str, subject_ref: bytes) -> MatchAttempt:
         """Refuse a locked subject or a caller out of failure budget; one store read for both.
 
-        The attempt returned is counted as a possible failure until ``finish`` records how it
-        ended or ``release`` drops it, and the checks count the attempts already in flight: a
+        The attempt returned counts as a possible failure until its ``release`` (after the
+        failure, if any, is written), and the checks count the attempts already in flight: a
         Match's failure is only written after its comparison, so without them a burst of
         parallel guesses all passed the check before the first failure was written (11 answers
-        where the lockout allows 5). Per process: N replicas or workers can each admit one
-        burst of the subject's remaining failures. The attempt also carries the subject's
+        where the lockout allows 5). The attempt takes its place *before* the store is read, so
+        every other attempt either is counted among those in flight or, having released, has
+        its failure in what the read sees. Per process: N replicas or workers can each admit
+        one burst of the subject's remaining failures. The attempt also carries the subject's
         counter as read, so a successful Match needs no second read to learn whether there is
         anything to reset.
         """
         if not self._config.enabled:
             return _NO_ATTEMPT
-        now = self._clock()
         subject_key = ("subject", gallery.encode() + b"\0" + subject_ref)
         budget_key = ("caller_failures", caller.identity.encode())
-        rows = self._store.guard_get_many((subject_key, budget_key))
-        subject = _counter(rows.get(subject_key))
-        wait = subject.locked(now)
-        if wait > 0:
-            raise self._refuse("subject", "this subject is locked out after repeated failed matches", wait)
-        budget = self._failure_budget(caller)
-        spent = _counter(rows.get(budget_key))
-        wait = budget.exhausted(spent, now)
-        if wait > 0:
-            raise self._refuse("caller_failures", "this caller has used up its budget of failed matches", wait)
-        rule = self._subject
-        recent = subject.count if now - subject.window_start < rule.window else 0
         with self._lock:
             pending_subject = self._pending.get(subject_key, 0)
             pending_caller = self._pending.get(budget_key, 0)
-            if recent + pending_subject >= rule.failures:
-                raise self._refuse("subject", "too many Matches of this subject at once; retry", _PENDING_WAIT)
-            if budget.exhausted(spent, now, pending_caller + 1) > 0:
-                raise self._refuse("caller_failures", "too many failed-match guesses in flight; retry", _PENDING_WAIT)
             self._pending[subject_key] = pending_subject + 1
             self._pending[budget_key] = pending_caller + 1
-        return MatchAttempt(self, subject_key, budget_key, rows.get(subject_key))
+        attempt = MatchAttempt(self, subject_key, budget_key, None)
+        try:
+            now = self._clock()
+            rows = self._store.guard_get_many((subject_key, budget_key))
+            attempt.subject_row = rows.get(subject_key)
+            subject = _counter(attempt.subject_row)
+            wait = subject.locked(now)
+            if wait > 0:
+                raise self._refuse("subject", "this subject is locked out after repeated failed matches", wait)
+            budget = self._failure_budget(caller)
+            spent = _counter(rows.get(budget_key))
+            wait = budget.exhausted(spent, now)
+            if wait > 0:
+                raise self._refuse("caller_failures", "this caller has used up its budget of failed matches", wait)
+            rule = self._subject
+            recent = subject.count if now - subject.window_start < rule.window else 0
+            if recent + pending_subject >= rule.failures:
+                raise self._refuse("in_flight", "too many Matches of this subject at once; retry", _PENDING_WAIT)
+            if budget.exhausted(spent, now, pending_caller + 1) > 0:
+                raise self._refuse("in_flight", "too many failed-match guesses in flight; retry", _PENDING_WAIT)
+        except BaseException:
+            attempt.release()
+            raise
+        return attempt
 
     def _release(self, attempt: MatchAttempt) -> None:
         with self._lock:
@@ -254,10 +262,14 @@ class Guard:
             c = _counter(row)
             wait = rule.exhausted(c, now, searches)
             if wait > 0:
+                left = rule.limit - (c.count if now - c.window_start < rule.window else 0)
                 if searches > rule.limit:
                     reason = (
                         f"a batch of {searches} probes is more than this caller's Identify budget; send smaller batches"
                     )
+                elif left > 0:
+                    reason = f"this caller has {left} Identify searches left in its budget; "
+                    reason += f"a batch of {searches} does not fit"
                 else:
                     reason = "this caller has used up its Identify budget"
                 raise self._refuse("identify", reason, wait)

@@ -73,6 +73,29 @@ class Change:
 GuardRow = tuple[int, float, float, int]
 
 
+# How long a committed BulkEnroll batch is remembered by its idempotency key: a client that lost
+# the answer (killed after the commit) and resends within this time gets the first answer back.
+BATCH_RETENTION_SECONDS = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """A committed BulkEnroll stream, kept by its idempotency key for replays.
+
+    ``key`` and ``digest`` are keyed hashes (of the caller and its key; of the items), never the
+    values themselves; ``outcome`` is the per-item answer (template ids, refusal codes and
+    messages: no subject ids, no encodings). ``created`` is a Unix time.
+    """
+
+    key: bytes
+    digest: bytes
+    outcome: bytes
+    created: float
+
+    def __repr__(self) -> str:
+        return "BatchRecord(<key>)"
+
+
 class StoreError(Exception):
     """The backend failed (disk full, connection lost). Mapped to UNAVAILABLE: nothing was written."""
 
@@ -117,12 +140,20 @@ class Store(Protocol):
         transaction. Return the subject's template count afterwards."""
         ...
 
-    def put_templates(self, rows: Sequence[tuple[TemplateRow, bool]], *, counts: bool = True) -> list[int]:
+    def put_templates(
+        self, rows: Sequence[tuple[TemplateRow, bool]], *, counts: bool = True, batch: BatchRecord | None = None
+    ) -> list[int]:
         """``put_template`` for each (row, replace_subject), in order, all in one transaction.
 
         With ``counts=False`` the subjects' counts are not computed (one query per row saved on
-        a bulk import) and the result is all zeros, one per row.
+        a bulk import) and the result is all zeros, one per row. ``batch``: remember the stream
+        in the same transaction (and forget those older than ``BATCH_RETENTION_SECONDS``); a
+        batch whose key is already stored fails the whole transaction with StoreError.
         """
+        ...
+
+    def batch(self, key: bytes) -> BatchRecord | None:
+        """The batch remembered under ``key``, if any."""
         ...
 
     def delete_subject(self, gallery: str, subject_ref: bytes) -> int:

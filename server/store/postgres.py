@@ -80,6 +80,15 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX changes_revision ON changes (revision);
     INSERT INTO meta SELECT 'pruned', value FROM meta WHERE name = 'revision';
     """,
+    # 5: as SQLite's migration 5 (committed BulkEnroll streams by idempotency key).
+    """
+    CREATE TABLE batches (
+        key BYTEA PRIMARY KEY,
+        digest BYTEA NOT NULL,
+        outcome BYTEA NOT NULL,
+        created DOUBLE PRECISION NOT NULL
+    )
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -105,12 +114,14 @@ class _PgTx:
 class PostgresStore(SqlStore):
     """A Store over a PostgreSQL database, through a connection pool."""
 
-    _guard_select = SqlStore._guard_select + " FOR UPDATE"
-    # An all-zero counter is the same as none (``Counter()``); the insert waits for a concurrent
-    # one of the same key to commit, so the SELECT FOR UPDATE after it always has a row to lock.
-    _guard_ensure = (
+    # One statement that creates the counter if it is missing, locks its row and reads it:
+    # SELECT FOR UPDATE on a missing row locks nothing, so two transactions creating the same
+    # counter both started from zero and the second upsert overwrote the first's count. The
+    # no-op update makes ON CONFLICT lock the existing row and RETURNING read it.
+    _guard_select = (
         "INSERT INTO guard (scope, key, count, window_start, locked_until, level) VALUES (?, ?, 0, 0, 0, 0)"
-        " ON CONFLICT (scope, key) DO NOTHING"
+        " ON CONFLICT (scope, key) DO UPDATE SET level = guard.level"
+        " RETURNING count, window_start, locked_until, level"
     )
 
     def __init__(self, url: str, *, pool_size: int = 8, timeout: float = 10.0) -> None:

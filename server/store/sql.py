@@ -22,7 +22,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from faceseal.server.store.base import Change, ChangesPruned, GuardRow, TemplateRow, WrappedKey
+from faceseal.server.store.base import (
+    BATCH_RETENTION_SECONDS,
+    BatchRecord,
+    Change,
+    ChangesPruned,
+    GuardRow,
+    TemplateRow,
+    WrappedKey,
+)
 
 
 class Cursor(Protocol):
@@ -176,7 +184,9 @@ class SqlStore(ABC):
     def put_template(self, row: TemplateRow, *, replace_subject: bool) -> int:
         return self.put_templates([(row, replace_subject)])[0]
 
-    def put_templates(self, rows: Sequence[tuple[TemplateRow, bool]], *, counts: bool = True) -> list[int]:
+    def put_templates(
+        self, rows: Sequence[tuple[TemplateRow, bool]], *, counts: bool = True, batch: BatchRecord | None = None
+    ) -> list[int]:
         result: list[int] = []
 
         def tx(db: Tx, revision: int) -> int:
@@ -210,10 +220,23 @@ class SqlStore(ABC):
                 (last,) = db.execute("SELECT max(seq) FROM templates").fetchone()
                 for gallery in galleries:  # after the deletes: a follower applies them first
                     self._change(db, revision, "put", gallery, first_seq=int(top) + 1, last_seq=int(last))
+            if batch is not None:
+                db.execute("DELETE FROM batches WHERE created < ?", (batch.created - BATCH_RETENTION_SECONDS,))
+                db.execute(
+                    "INSERT INTO batches (key, digest, outcome, created) VALUES (?, ?, ?, ?)",
+                    (batch.key, batch.digest, batch.outcome, batch.created),
+                )
             return len(rows)
 
         self._write(tx)
         return result if counts else [0] * len(rows)
+
+    def batch(self, key: bytes) -> BatchRecord | None:
+        rows = self._read("SELECT digest, outcome, created FROM batches WHERE key = ?", (key,))
+        if not rows:
+            return None
+        digest, outcome, created = rows[0]
+        return BatchRecord(key, bytes(digest), bytes(outcome), float(created))
 
     def delete_subject(self, gallery: str, subject_ref: bytes) -> int:
         def tx(db: Tx, revision: int) -> int:
@@ -296,8 +319,6 @@ class SqlStore(ABC):
 
     def guard_update(self, scope: str, key: bytes, update: Callable[[GuardRow | None], GuardRow]) -> GuardRow:
         with self._transaction() as tx:
-            if self._guard_ensure:
-                tx.execute(self._guard_ensure, (scope, key))
             row = tx.execute(self._guard_select, (scope, key)).fetchone()
             new = update((int(row[0]), float(row[1]), float(row[2]), int(row[3])) if row else None)
             tx.execute(
@@ -308,12 +329,9 @@ class SqlStore(ABC):
             )
             return new
 
-    # SQLite's write transaction locks the whole file; PostgreSQL adds FOR UPDATE to lock the row,
-    # and first makes sure there is a row to lock (``_guard_ensure``): FOR UPDATE on a missing row
-    # locks nothing, so two transactions creating the same counter both started from zero and the
-    # second upsert overwrote the first's count (parallel calls each spending a fresh budget).
+    # SQLite's write transaction locks the whole file; PostgreSQL's statement also locks the row
+    # (and creates it: an all-zero counter reads the same as none).
     _guard_select = "SELECT count, window_start, locked_until, level FROM guard WHERE scope = ? AND key = ?"
-    _guard_ensure: str | None = None
 
     # -- following ---------------------------------------------------------------------------
 

@@ -105,6 +105,16 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX changes_revision ON changes (revision);
     INSERT INTO meta SELECT 'pruned', value FROM meta WHERE name = 'revision';
     """,
+    # 5: committed BulkEnroll streams by idempotency key (keyed hashes only), so a client that
+    # lost an answer can resend the stream without storing it twice.
+    """
+    CREATE TABLE batches (
+        key BLOB PRIMARY KEY,
+        digest BLOB NOT NULL,
+        outcome BLOB NOT NULL,
+        created REAL NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    """,
 )
 
 # The page size of a new database file (an existing file keeps the one it was created with: in
