@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from helpers import DIM, Dev, InProcessDaemon, admin_client, load_real_encodings, poll, random_encodings
 
-from faceseal.client import FaceSealClient, FaceSealClientError, UnavailableError
+from faceseal.client import FaceSealClient, FaceSealClientError, UnavailableError, _import
 from faceseal.client._import import read_import_file
 from faceseal.client.cli import main
 
@@ -329,6 +329,47 @@ def test_a_batch_cut_off_mid_stream_is_sent_again(
         == "imported 35, refused 0 of 35 items\nresumed at item 20 (" + str(data) + ".import-state)\n"
     )
     assert template_rows(dev) == (35, 35, 35)
+
+
+class Killed(BaseException):
+    """kill -9 of the import, as far as its own code can tell: nothing after this point runs."""
+
+
+def test_an_import_killed_after_a_commit_stores_that_batch_once_on_rerun(
+    daemon: InProcessDaemon,
+    dev: Dev,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    enc = random_encodings(35, seed=23)
+    data = write_npz(tmp_path / "p.npz", enc, subject_ids(35))
+    real_save = _import.save_state
+
+    def killed_before_recording(path: Path, state: _import.ImportState) -> None:
+        if state.sending is None and state.done == 20:  # the second batch was answered ...
+            raise Killed  # ... and the client dies before the state file says so
+        real_save(path, state)
+
+    monkeypatch.setattr(_import, "save_state", killed_before_recording)
+    with pytest.raises(Killed):
+        main([*argv(daemon, data, "--batch", "10")])
+    assert template_rows(dev) == (20, 20, 20)  # the daemon committed the second batch
+    recorded = state_of(tmp_path / "p.npz.import-state")
+    assert (recorded["done"], recorded["sending"]) == (10, [10, 20])
+
+    # The rerun (even with another --batch) resends exactly items 10-19 under the same key:
+    # the daemon answers from its record and stores nothing twice.
+    monkeypatch.setattr(_import, "save_state", real_save)
+    capsys.readouterr()
+    assert main([*argv(daemon, data, "--batch", "7")]) == 0
+    assert capsys.readouterr().out.startswith("imported 35, refused 0 of 35 items")
+    assert template_rows(dev) == (35, 35, 35)
+    assert gallery_size(daemon) == (35, 35)
+
+    # Importing the same file again from scratch is a new import (a new run id), not a resend.
+    assert main([*argv(daemon, data, "--restart")]) == 0
+    assert template_rows(dev) == (70, 70, 35)
 
 
 def test_a_signal_during_a_batch_stops_after_it(
