@@ -51,6 +51,9 @@ log = logging.getLogger("faceseal.core")
 
 DISTANCE_DECIMALS = 3
 _OPEN_BATCH = 4096  # rows decrypted per append to the in-memory matrix at unseal
+# The most bytes one Identify candidate takes in an answer: a 128-character subject id, a float
+# distance and the framing of both (IdentifyBatch refuses what could exceed max_message_bytes).
+_CANDIDATE_BYTES = 128 + 2 + 5 + 4
 # Contexts of the keyed hashes that remember a BulkEnroll stream (see ``Core.bulk_enroll``).
 _BATCH_KEY_CONTEXT = b"faceseal/batch-key/v1"
 _BATCH_DIGEST_CONTEXT = b"faceseal/batch-digest/v1"
@@ -541,13 +544,21 @@ class Core:
     ) -> list[list[Candidate]]:
         """Identify for each probe: every probe is checked before any is searched, each spends
         one search of the caller's budget and gets its own audit record (one write for all)."""
-        _, gallery = self._gallery(caller, Permission.IDENTIFY, gallery_name)
-        limit = self._config.server.max_identify_batch
+        _, gallery = self._gallery(caller, Permission.IDENTIFY, gallery_name, admit=False)
+        server = self._config.server
+        limit = server.max_identify_batch
         if not 1 <= len(probes) <= limit:
             raise InvalidArgument(f"an IdentifyBatch carries 1 to {limit} probes, got {len(probes)}")
+        k = validation.top_k(top_k, server.max_top_k)
+        # The answer must fit one message, or the call would fail after spending the budget.
+        if len(probes) * k * _CANDIDATE_BYTES > server.max_message_bytes:
+            raise InvalidArgument(
+                f"{len(probes)} probes x top_k {k} could answer more than one message holds "
+                f"({server.max_message_bytes} bytes); send fewer probes or a smaller top_k"
+            )
+        self.guard.admit(caller, len(probes))
         dimension = gallery.config.dimension
         matrix = np.stack([validation.vector(p, dimension, f"probes[{i}].encoding") for i, p in enumerate(probes)])
-        k = validation.top_k(top_k, self._config.server.max_top_k)
         self.guard.spend_identify(caller, len(probes))
         answers = gallery.identify_many(matrix, k)
         self.audit.record_many([AuditEntry("OK", gallery.config.name, candidates=len(hits)) for hits in answers])

@@ -12,6 +12,7 @@ import pytest
 from helpers import F32, Dev, InProcessDaemon, db_snapshot, load_real_encodings, rpc_error
 from test_audit import audit_lines
 
+from faceseal.client import ResourceExhaustedError
 from faceseal.client.cli import main
 from faceseal.v1 import faceseal_pb2 as pb
 
@@ -126,3 +127,32 @@ def test_the_cli_sends_a_file_of_several_probes_as_identify_batches(
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 6
     assert lines[-1] == "probe 5: no candidate within threshold"
+
+
+def test_a_batch_whose_answer_could_overflow_a_message_is_refused(harness: InProcessDaemon, dev: Dev) -> None:
+    dev.set_server(max_message_bytes=65536)
+    harness.start()
+    faces, probes = people(8)
+    harness.client("enroller").bulk_enroll(faces.items())
+    stub = harness.stub("gateway")
+    request = pb.IdentifyBatchRequest(probes=[pb.Probe(encoding=p.tolist()) for p in probes], top_k=100)
+    err = rpc_error(lambda: stub.IdentifyBatch(request, timeout=10))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "send fewer probes or a smaller top_k" in (err.details() or "")
+    request.top_k = 5  # 8 x 5 candidates fit
+    assert len(stub.IdentifyBatch(request, timeout=10).results) == 8
+
+
+def test_each_probe_counts_against_the_request_rate(harness: InProcessDaemon, dev: Dev) -> None:
+    dev.edit_config(lambda c: c.setdefault("guard", {}).update({"caller_rate": 10.0}))
+    harness.start()
+    faces, probes = people(12)
+    harness.client("enroller").bulk_enroll(faces.items())
+    gateway = harness.client("gateway")
+    with pytest.raises(ResourceExhaustedError) as err:
+        gateway.identify_batch(probes[:11])  # more than the bucket ever holds
+    assert "send smaller batches" in err.value.message
+    assert len(gateway.identify_batch(probes[:10])) == 10
+    with pytest.raises(ResourceExhaustedError) as err:  # the bucket is empty now
+        gateway.identify_batch(probes[:10])
+    assert "over its request rate" in err.value.message

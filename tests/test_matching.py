@@ -311,6 +311,41 @@ def test_identify_many_answers_every_probe_as_brute_force(
             assert hits == g.identify(probe, top_k)
 
 
+def test_identify_many_starts_again_when_rows_move_between_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock is let go between blocks; a removal then moves rows, and row numbers taken
+    before it would name other templates. The batch must notice and answer from the new layout."""
+    rng = np.random.default_rng(78)
+    dim = 8
+    subjects = {f"s{i:02d}": [rng.standard_normal(dim).astype(np.float32)] for i in range(40)}
+    g = Gallery(_cfg("euclidean", dim, 2.5))
+    for sid, ts in subjects.items():
+        g.add(sid, f"{sid}-0", ts[0], subject_ref=_ref(sid))
+    probes = np.stack([subjects["s39"][0] + 0.01, subjects["s03"][0] + 0.01])
+    monkeypatch.setattr(memory, "_SCORE_BLOCK_BYTES", 4 * len(probes) * 10)  # blocks of 10 rows
+    calls = {"blocks": 0, "removed": False}
+    real_many, real_shortlist = distance.approximate_many, distance.shortlist
+
+    def counting(*args: object, **kwargs: object) -> np.ndarray:
+        calls["blocks"] += 1
+        return real_many(*args, **kwargs)  # type: ignore[arg-type]
+
+    def removing(scores: np.ndarray, k: int) -> np.ndarray:
+        if not calls["removed"]:  # after the first block, outside the lock: s05 goes, s39 moves
+            calls["removed"] = True
+            g.remove("s05", _ref("s05"))
+            del subjects["s05"]
+        return real_shortlist(scores, k)
+
+    monkeypatch.setattr(memory.distance, "approximate_many", counting)
+    monkeypatch.setattr(memory.distance, "shortlist", removing)
+    got = g.identify_many(probes, 1)  # a short list of 10: blocks of 10 rows
+    assert calls["blocks"] == 1 + 4, "one block of the first attempt, then all four again"
+    for probe, hits in zip(probes, got, strict=True):
+        want = _brute_force(subjects, probe, "euclidean", 2.5, 1)
+        assert [h.subject_id for h in hits] == [sid for sid, _ in want]
+        np.testing.assert_allclose([h.distance for h in hits], [d for _, d in want], rtol=1e-9)
+
+
 def test_identify_many_on_an_empty_gallery_answers_each_probe_empty() -> None:
     assert Gallery(_cfg()).identify_many(np.ones((3, 4), dtype=np.float32), top_k=5) == [[], [], []]
 

@@ -15,6 +15,7 @@ reference; per subject one dict entry whose value is a plain int for the usual s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from faceseal.server.matching import distance
 from faceseal.server.matching.distance import F32
 
 _KEY = np.dtype("S16")  # a template key; every key is exactly 16 bytes, so numpy's NUL padding is moot
+_BATCH_RESTARTS = 3  # IdentifyBatch starts over this often when rows move, then holds the lock
 _SCORE_BLOCK_BYTES = 64 << 20  # the most float32 scores an IdentifyBatch holds at once (probes x rows)
 _INDEX_BULK = 64  # an append of more rows than this re-sorts the template index lazily instead
 
@@ -67,6 +69,9 @@ class Gallery:
         self._lock = threading.Lock()
         capacity = max(1, capacity)
         self._n = 0
+        # Bumped whenever rows move (a removal fills its hole with the last row): a reader that
+        # let go of the lock between blocks of rows knows whether its row numbers still hold.
+        self._layout = 0
         self._matrix: F32 = np.zeros((capacity, config.dimension), dtype=np.float32)
         self._sq_norms: F32 = np.zeros(capacity, dtype=np.float32)
         self._keys: npt.NDArray[np.bytes_] = np.zeros(capacity, dtype=_KEY)
@@ -178,46 +183,68 @@ class Gallery:
         matrix-matrix product over blocks of rows reads it once for the whole batch, and with
         all the probes in one product (BLAS is several times faster per probe at 64 probes than
         at 8). Blocks are sized so a block's scores (probes x rows) stay within
-        ``_SCORE_BLOCK_BYTES``; each block keeps its best rows per probe, and the best of those
-        are the short list ``identify`` would have taken. A probe whose short list does not
-        settle its answer (many templates per subject, poisoned subjects) is searched again on
-        its own, as ``identify`` widens it. Same answers as ``identify``: the float32 scores
-        only choose the short list, exact float64 distances decide.
+        ``_SCORE_BLOCK_BYTES``, and after each block every probe keeps only its best ``want``
+        rows so far, so memory stays bounded however large the gallery. Those are the short
+        list ``identify`` would take; a probe it does not settle (many templates per subject,
+        poisoned subjects) is widened on its own, as ``identify`` widens it. Same answers as
+        ``identify`` but for near-ties at the edge of the short list (the float32 scores of a
+        matrix-matrix product round differently; exact float64 distances decide).
+
+        The lock is let go between blocks, so a Match waits for one block, not the batch. Rows
+        only move when a subject is removed: a batch that sees it happened starts again, and
+        after ``_BATCH_RESTARTS`` such starts holds the lock from the first block to the last.
         """
+        for _ in range(_BATCH_RESTARTS):
+            answers = self._identify_many(probes, top_k, hold=False)
+            if answers is not None:
+                return answers
         with self._lock:
-            n = self._n
-            if n == 0:
-                return [[] for _ in range(probes.shape[0])]
+            answers = self._identify_many(probes, top_k, hold=True)
+        assert answers is not None
+        return answers
+
+    def _identify_many(self, probes: F32, top_k: int, *, hold: bool) -> list[list[Hit]] | None:
+        """One attempt at ``identify_many``: None if rows moved while the lock was let go."""
+        locked = contextlib.nullcontext() if hold else self._lock
+        with locked:
+            n, layout = self._n, self._layout
+        if n == 0:
+            return [[] for _ in range(probes.shape[0])]
+        metric = self.config.metric
+        want = min(n, 2 * top_k + 8)
+        block = max(want, _SCORE_BLOCK_BYTES // (4 * probes.shape[0]))
+        best_rows = [np.empty(0, dtype=np.intp) for _ in range(probes.shape[0])]
+        best_scores = [np.empty(0, dtype=np.float32) for _ in range(probes.shape[0])]
+        for start in range(0, n, block):
+            end = min(n, start + block)
+            with locked:
+                if self._layout != layout:
+                    return None
+                # Rows below n do not change while the layout holds (appends go above them).
+                scores = distance.approximate_many(self._matrix[start:end], self._sq_norms[start:end], probes, metric)
+            for i, row_scores in enumerate(scores):
+                chosen = distance.shortlist(row_scores, min(want, end - start))
+                rows = np.concatenate((best_rows[i], chosen + start))
+                kept = np.concatenate((best_scores[i], row_scores[chosen]))
+                if rows.shape[0] > want:
+                    top = distance.shortlist(kept, want)
+                    rows, kept = rows[top], kept[top]
+                best_rows[i], best_scores[i] = rows, kept
+        answers: list[list[Hit]] = []
+        with locked:
+            if self._layout != layout:
+                return None
             matrix = self._matrix[:n]
-            sq_norms = self._sq_norms[:n]
-            metric = self.config.metric
-            want = min(n, 2 * top_k + 8)
-            block = max(want, _SCORE_BLOCK_BYTES // (4 * probes.shape[0]))
-            rows: list[list[npt.NDArray[np.intp]]] = [[] for _ in range(probes.shape[0])]
-            best: list[list[F32]] = [[] for _ in range(probes.shape[0])]
-            for start in range(0, n, block):
-                scores = distance.approximate_many(
-                    matrix[start : start + block], sq_norms[start : start + block], probes, metric
-                )
-                keep = min(want, scores.shape[1])
-                for i, row_scores in enumerate(scores):
-                    chosen = distance.shortlist(row_scores, keep)
-                    rows[i].append(chosen + start)
-                    best[i].append(row_scores[chosen])
-            answers: list[list[Hit]] = []
             for i, probe in enumerate(probes):
-                candidates = np.concatenate(rows[i])
-                if candidates.shape[0] > want:
-                    candidates = candidates[distance.shortlist(np.concatenate(best[i]), want)]
-                hits = self._rank(matrix, candidates, probe, top_k, complete=want == n)
+                hits = self._rank(matrix, best_rows[i], probe, top_k, complete=want == n)
                 if hits is None:  # widen, as identify does, with this probe's own scores
-                    scores_one = distance.approximate(matrix, sq_norms, probe, metric)
+                    scores_one = distance.approximate(matrix, self._sq_norms[:n], probe, metric)
                     wider = want
                     while hits is None:
                         wider = min(n, wider * 4)
                         hits = self._rank(matrix, distance.shortlist(scores_one, wider), probe, top_k, wider == n)
                 answers.append(hits)
-            return answers
+        return answers
 
     def _rank(
         self, matrix: F32, rows: npt.NDArray[np.intp], probe: F32, top_k: int, complete: bool
@@ -336,6 +363,7 @@ class Gallery:
         rows = self._subjects.pop(subject_ref, None)
         if rows is None:
             return
+        self._layout += 1
         for row in sorted([rows] if isinstance(rows, int) else rows, reverse=True):
             last = self._n - 1
             if not self._stale:

@@ -109,8 +109,9 @@ class Guard:
 
     # -- every data-plane call ---------------------------------------------------------------
 
-    def admit(self, caller: Caller) -> None:
-        """The caller's request rate (token bucket, per replica)."""
+    def admit(self, caller: Caller, cost: int = 1) -> None:
+        """The caller's request rate (token bucket, per replica). ``cost``: requests this call
+        counts as (an IdentifyBatch counts one per probe: batching is no way around the rate)."""
         if not self._config.enabled:
             return
         rate = float(caller.rule.rate if caller.rule.rate is not None else self._config.caller_rate)
@@ -124,9 +125,12 @@ class Guard:
                 bucket = self._buckets[caller.identity] = _Bucket(burst, now)
             bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
             bucket.stamp = now
-            if bucket.tokens < 1.0:
-                raise self._refuse("caller_rate", "this caller is over its request rate", (1.0 - bucket.tokens) / rate)
-            bucket.tokens -= 1.0
+            if cost > burst:
+                message = f"a batch of {cost} probes is more than this caller's request rate allows at once; "
+                raise self._refuse("caller_rate", message + "send smaller batches", cost / rate)
+            if bucket.tokens < cost:
+                raise self._refuse("caller_rate", "this caller is over its request rate", (cost - bucket.tokens) / rate)
+            bucket.tokens -= cost
 
     # -- Match -------------------------------------------------------------------------------
 
