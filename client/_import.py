@@ -52,15 +52,16 @@ from faceseal.client._client import FaceSealClient
 from faceseal.client._errors import FaceSealClientError
 
 STATE_FORMAT = "faceseal-import-state/2"
-# Whole-stream failures that mean the daemon stored nothing of the batch.
+# Whole-stream failures that mean the daemon stored nothing, *for a batch sent for the first
+# time*: each is raised before a commit. Not RESOURCE_EXHAUSTED (gRPC also raises it for an
+# answer too large to send, after the commit), and nothing at all for a resend: a rate refusal,
+# a lowered max_batch or FAILED_PRECONDITION may come after an earlier send was committed.
 _REFUSED_UNSTORED = frozenset(
     {
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.UNAUTHENTICATED,
         grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.FAILED_PRECONDITION,
     }
 )
 _OLD_STATE_FORMATS = ("faceseal-import-state/1",)  # no run id, no batch in flight: read as such
@@ -450,6 +451,7 @@ def run_import(
                 break
             # A batch the previous run sent without recording its answer goes again exactly as it
             # was (same range, same key), whatever --batch says now: the daemon may have stored it.
+            resend = state.sending is not None
             first, end = state.sending or (state.done, min(state.total, state.done + batch))
             state.sending = (first, end)
             save_state(state_path, state)
@@ -462,11 +464,13 @@ def run_import(
                     idempotency_key=state.batch_key(first, end),
                 )
             except Exception as exc:
-                # Refused before anything was stored (or the stream never ended): nothing to
-                # resend as it was, and a rerun may need another --batch (e.g. over max_batch).
-                # After UNAVAILABLE, a deadline or a lost connection the batch may have been
-                # committed, so it stays named for the rerun.
-                if not isinstance(exc, FaceSealClientError) or exc.code in _REFUSED_UNSTORED:
+                # A first send refused before any commit (or whose items could not be read)
+                # stored nothing: a rerun may choose another --batch (e.g. over max_batch).
+                # Otherwise the batch may have been committed, by this send or an earlier one,
+                # and stays named: the rerun resends exactly it, under its key (--restart is
+                # the way out, as a new import).
+                unstored = not isinstance(exc, FaceSealClientError) or exc.code in _REFUSED_UNSTORED
+                if unstored and not resend:
                     state.sending = None
                     save_state(state_path, state)
                 raise

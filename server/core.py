@@ -54,6 +54,10 @@ _OPEN_BATCH = 4096  # rows decrypted per append to the in-memory matrix at unsea
 # The most bytes one Identify candidate takes in an answer: a 128-character subject id, a float
 # distance and the framing of both (IdentifyBatch refuses what could exceed max_message_bytes).
 _CANDIDATE_BYTES = 128 + 2 + 5 + 4
+_PROBE_ANSWER_BYTES = 4  # the framing of one probe's list of candidates
+# The most bytes one BulkEnroll result takes besides its message: its framing, the index, a
+# 32-digit template id and the code.
+_RESULT_BYTES = 3 + 4 + 34 + 2 + 3
 # Contexts of the keyed hashes that remember a BulkEnroll stream (see ``Core.bulk_enroll``).
 _BATCH_KEY_CONTEXT = b"faceseal/batch-key/v1"
 _BATCH_DIGEST_CONTEXT = b"faceseal/batch-digest/v1"
@@ -400,8 +404,8 @@ class Core:
         for n, item in enumerate(items):
             if n >= self._config.server.max_batch:
                 raise InvalidArgument(f"a BulkEnroll stream holds at most {self._config.server.max_batch} items")
-            if digest is not None:
-                _digest_item(digest, *item)
+            if digest is not None:  # the gallery as resolved: "" and the default's name are one
+                _digest_item(digest, self.resolve_gallery(item[0]) or item[0], *item[1:])
             try:
                 prepared.append(self._prepare(caller, *item, admit=False))
             except (InvalidArgument, PermissionDenied, NotFound) as exc:
@@ -417,8 +421,20 @@ class Core:
                     raise FailedPrecondition(
                         "this idempotency_key was used for a stream with other items; nothing was stored"
                     )
-                return _outcomes_from_json(stored.outcome)
+                replayed = _outcomes_from_json(stored.outcome)
+                # Nothing changes, but template ids are handed out again: the trail shows it.
+                self.audit.record(AuditEntry("OK", decision="replayed", candidates=len(replayed)))
+                return replayed
             batch = BatchRecord(name.digest(), digest.digest(), _outcomes_to_json(prepared), time.time())
+        # The answer must fit one message: gRPC would refuse to send it after the commit, and
+        # the client could not tell a stored stream from a refused one.
+        if sum(_RESULT_BYTES + (len(str(p).encode()) if not isinstance(p, _Pending) else 0) for p in prepared) > (
+            self._config.server.max_message_bytes
+        ):
+            raise InvalidArgument(
+                f"the answer to these {len(prepared)} items would exceed one message "
+                f"({self._config.server.max_message_bytes} bytes); send fewer items per stream"
+            )
         valid = [p for p in prepared if isinstance(p, _Pending)]
         outcomes = iter(self._commit(valid, counts=False, batch=batch)) if valid else iter(())
         return [next(outcomes) if isinstance(p, _Pending) else p for p in prepared]
@@ -551,7 +567,7 @@ class Core:
             raise InvalidArgument(f"an IdentifyBatch carries 1 to {limit} probes, got {len(probes)}")
         k = validation.top_k(top_k, server.max_top_k)
         # The answer must fit one message, or the call would fail after spending the budget.
-        if len(probes) * k * _CANDIDATE_BYTES > server.max_message_bytes:
+        if len(probes) * (k * _CANDIDATE_BYTES + _PROBE_ANSWER_BYTES) > server.max_message_bytes:
             raise InvalidArgument(
                 f"{len(probes)} probes x top_k {k} could answer more than one message holds "
                 f"({server.max_message_bytes} bytes); send fewer probes or a smaller top_k"

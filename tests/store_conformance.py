@@ -468,18 +468,20 @@ class StoreConformance(ChangeLogConformance):
         assert [r.template_id for r in rows_of(store, "g1")] == [tid("a1")]
         assert store.batch(first.key) == first
 
-    def test_batches_older_than_the_retention_are_forgotten_on_the_next_commit(self, store: Store) -> None:
-        now = 1_800_000_000.0
-        old = BatchRecord(b"o" * 32, b"d" * 32, b"[]", now - BATCH_RETENTION_SECONDS - 1)
-        kept = BatchRecord(b"p" * 32, b"d" * 32, b"[]", now - BATCH_RETENTION_SECONDS + 60)
+    def test_batches_older_than_the_retention_are_forgotten_at_the_next_enrollment(self, store: Store) -> None:
+        now = time.time()
+        old = BatchRecord(b"o" * 32, b"d" * 32, b"[]", now - BATCH_RETENTION_SECONDS - 60)
+        kept = BatchRecord(b"p" * 32, b"d" * 32, b"[]", now - BATCH_RETENTION_SECONDS + 600)
         store.put_templates([(row("g1", "alice", "a1"), False)], counts=False, batch=old)
         store.put_templates([(row("g1", "alice", "a2"), False)], counts=False, batch=kept)
-        assert store.batch(old.key) == old  # nothing newer had committed when it was written
-        store.put_templates(
-            [(row("g1", "alice", "a3"), False)], counts=False, batch=BatchRecord(b"n" * 32, b"d" * 32, b"[]", now)
-        )
-        assert store.batch(old.key) is None
+        assert store.batch(old.key) is None  # the second commit forgot the first one's record
         assert store.batch(kept.key) == kept
+        # Any enrollment prunes, keyed or not (else a record could outlive its 7 days forever).
+        store.put_templates([(row("g1", "alice", "a3"), False)], counts=False)
+        assert store.batch(kept.key) == kept
+        store.put_templates([(row("g1", "alice", "a4"), False)], counts=False, batch=old)  # written again
+        store.put_template(row("g1", "bob", "b1"), replace_subject=False)
+        assert store.batch(old.key) is None
 
     def test_guard_updates_from_parallel_threads_all_count(self, store: Store) -> None:
         """The guard's counters are read-modify-write: parallel updates of one counter, the very

@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 from helpers import Dev, InProcessDaemon, db_snapshot, random_encodings
+from test_audit import audit_lines
 
 from faceseal.v1 import faceseal_pb2 as pb
 from faceseal.v1 import faceseal_pb2_grpc
@@ -227,6 +228,14 @@ def test_a_stream_sent_again_under_its_key_is_answered_not_stored_again(harness:
     again = stub(harness, "enroller").BulkEnroll(keyed("batch-0001", stream))
     assert again == first
     assert db_snapshot(dev.db_path)["templates"] == stored["templates"]
+    # Nothing changed, but template ids went out again: the audit trail says so.
+    last = audit_lines(dev)[-1]
+    assert (last["method"], last["outcome"], last["decision"], last["candidates"]) == (
+        "/faceseal.v1.FaceSealService/BulkEnroll",
+        "OK",
+        "replayed",
+        4,
+    )
     # Neither the key nor a subject id is on disk in clear.
     data = dev.db_path.read_bytes() + b"".join(p.read_bytes() for p in dev.db_path.parent.glob("*-wal"))
     assert b"batch-0001" not in data
@@ -294,3 +303,21 @@ def test_the_same_keyed_stream_twice_at_once_is_stored_once(daemon: InProcessDae
     resent = stub(daemon, "enroller").BulkEnroll(keyed("twice-at-once", stream))
     assert all(a == resent for a in answers if isinstance(a, pb.BulkEnrollResponse))
     assert len(db_snapshot(dev.db_path)["templates"]) == 50
+
+
+def test_a_stream_whose_answer_would_not_fit_one_message_is_refused_before_the_commit(
+    harness: InProcessDaemon, dev: Dev
+) -> None:
+    # Committed but unanswerable would be the worst case: gRPC refuses to send the answer, and
+    # the client cannot tell a stored stream from a refused one.
+    dev.set_server(max_message_bytes=4096)
+    harness.start()
+    enc = random_encodings(100, seed=15)
+    before = db_snapshot(dev.db_path)
+    with pytest.raises(grpc.RpcError) as err:  # one item per message: each fits; the answer would not
+        stub(harness, "enroller").BulkEnroll(committed(item(f"f{i}", enc[i]) for i in range(100)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "send fewer items per stream" in (err.value.details() or "")
+    assert db_snapshot(dev.db_path) == before
+    answer = stub(harness, "enroller").BulkEnroll(committed(item(f"f{i}", enc[i]) for i in range(40)))
+    assert [r.code for r in answer.results] == [0] * 40

@@ -12,7 +12,7 @@ import pytest
 from helpers import F32, Dev, InProcessDaemon, db_snapshot, load_real_encodings, rpc_error
 from test_audit import audit_lines
 
-from faceseal.client import ResourceExhaustedError
+from faceseal.client import InvalidArgumentError, ResourceExhaustedError
 from faceseal.client.cli import main
 from faceseal.v1 import faceseal_pb2 as pb
 
@@ -149,9 +149,9 @@ def test_each_probe_counts_against_the_request_rate(harness: InProcessDaemon, de
     faces, probes = people(12)
     harness.client("enroller").bulk_enroll(faces.items())
     gateway = harness.client("gateway")
-    with pytest.raises(ResourceExhaustedError) as err:
-        gateway.identify_batch(probes[:11])  # more than the bucket ever holds
-    assert "send smaller batches" in err.value.message
+    with pytest.raises(InvalidArgumentError) as refused:  # more than the bucket ever holds: no wait helps
+        gateway.identify_batch(probes[:11])
+    assert "send smaller batches" in refused.value.message
     assert len(gateway.identify_batch(probes[:10])) == 10
     with pytest.raises(ResourceExhaustedError) as err:  # the bucket is empty now
         gateway.identify_batch(probes[:10])

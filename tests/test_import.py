@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from helpers import DIM, Dev, InProcessDaemon, admin_client, load_real_encodings, poll, random_encodings
 
-from faceseal.client import FaceSealClient, FaceSealClientError, UnavailableError, _import
+from faceseal.client import FaceSealClient, FaceSealClientError, InvalidArgumentError, UnavailableError, _import
 from faceseal.client._import import read_import_file
 from faceseal.client.cli import main
 
@@ -358,9 +358,21 @@ def test_an_import_killed_after_a_commit_stores_that_batch_once_on_rerun(
     recorded = state_of(tmp_path / "p.npz.import-state")
     assert (recorded["done"], recorded["sending"]) == (10, [10, 20])
 
+    # A rerun whose resend is refused (here: as if max_batch had been lowered) keeps the batch
+    # named: the refusal says nothing about whether the first send was committed.
+    monkeypatch.setattr(_import, "save_state", real_save)
+    real_bulk = FaceSealClient.bulk_enroll
+
+    def refused(self: FaceSealClient, items: Iterable[Any], **kwargs: Any) -> Any:
+        raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, "a BulkEnroll stream holds at most 5 items")
+
+    monkeypatch.setattr(FaceSealClient, "bulk_enroll", refused)
+    assert main([*argv(daemon, data, "--batch", "5")]) == 1
+    assert state_of(tmp_path / "p.npz.import-state")["sending"] == [10, 20]
+    monkeypatch.setattr(FaceSealClient, "bulk_enroll", real_bulk)
+
     # The rerun (even with another --batch) resends exactly items 10-19 under the same key:
     # the daemon answers from its record and stores nothing twice.
-    monkeypatch.setattr(_import, "save_state", real_save)
     capsys.readouterr()
     assert main([*argv(daemon, data, "--batch", "7")]) == 0
     assert capsys.readouterr().out.startswith("imported 35, refused 0 of 35 items")

@@ -27,7 +27,7 @@ import numpy as np
 
 from faceseal.server.auth.policy import Caller
 from faceseal.server.config import GalleryConfig, GuardConfig
-from faceseal.server.errors import ResourceExhausted
+from faceseal.server.errors import InvalidArgument, ResourceExhausted
 from faceseal.server.guard.state import BudgetRule, Counter, LockoutRule
 from faceseal.server.matching import distance
 from faceseal.server.matching.distance import F32
@@ -125,9 +125,11 @@ class Guard:
                 bucket = self._buckets[caller.identity] = _Bucket(burst, now)
             bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
             bucket.stamp = now
-            if cost > burst:
-                message = f"a batch of {cost} probes is more than this caller's request rate allows at once; "
-                raise self._refuse("caller_rate", message + "send smaller batches", cost / rate)
+            if cost > burst:  # no wait would help: not RESOURCE_EXHAUSTED with a retry delay
+                raise InvalidArgument(
+                    f"a batch of {cost} probes is more than this caller's request rate allows at once; "
+                    "send smaller batches"
+                )
             if bucket.tokens < cost:
                 raise self._refuse("caller_rate", "this caller is over its request rate", (cost - bucket.tokens) / rate)
             bucket.tokens -= cost

@@ -17,6 +17,7 @@ index on them: nothing looks a row up by its id; rows are found by ``seq`` or ``
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -220,8 +221,9 @@ class SqlStore(ABC):
                 (last,) = db.execute("SELECT max(seq) FROM templates").fetchone()
                 for gallery in galleries:  # after the deletes: a follower applies them first
                     self._change(db, revision, "put", gallery, first_seq=int(top) + 1, last_seq=int(last))
+            # Every enrollment forgets the batches past their retention, not only keyed ones.
+            db.execute(self._batch_prune, (time.time() - BATCH_RETENTION_SECONDS,))
             if batch is not None:
-                db.execute("DELETE FROM batches WHERE created < ?", (batch.created - BATCH_RETENTION_SECONDS,))
                 db.execute(
                     "INSERT INTO batches (key, digest, outcome, created) VALUES (?, ?, ?, ?)",
                     (batch.key, batch.digest, batch.outcome, batch.created),
@@ -332,6 +334,9 @@ class SqlStore(ABC):
     # SQLite's write transaction locks the whole file; PostgreSQL's statement also locks the row
     # (and creates it: an all-zero counter reads the same as none).
     _guard_select = "SELECT count, window_start, locked_until, level FROM guard WHERE scope = ? AND key = ?"
+    # PostgreSQL skips rows another transaction is pruning: two replicas deleting the same old
+    # batches in different orders could otherwise deadlock.
+    _batch_prune = "DELETE FROM batches WHERE created < ?"
 
     # -- following ---------------------------------------------------------------------------
 
