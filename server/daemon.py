@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from faceseal.server import hygiene, logs, workers
 from faceseal.server.api import admin
 from faceseal.server.api.edge import Edge
+from faceseal.server.api.health import HealthServicer
 from faceseal.server.api.service import PERMISSIONS, FaceSealServicer
 from faceseal.server.audit.log import AuditEntry
 from faceseal.server.auth.interceptor import Authenticator, PolicyHolder
@@ -138,7 +139,7 @@ class Daemon:
         edge = Edge(self.metrics, self.authenticator)
         faceseal_pb2_grpc.add_FaceSealServiceServicer_to_server(FaceSealServicer(self.core), edge.server)
         admin_pb2_grpc.add_FaceSealAdminServiceServicer_to_server(admin.FaceSealAdminServicer(self.core), edge.server)
-        self.health = health.HealthServicer()
+        self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, edge.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), edge.server

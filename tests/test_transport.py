@@ -343,6 +343,23 @@ def test_health_watchers_hold_no_worker(harness: InProcessDaemon) -> None:
             watch.cancel()
 
 
+def test_a_health_watch_closing_during_a_status_change_does_not_stop_the_server(harness: InProcessDaemon) -> None:
+    # grpcio-health sends a status change to every watcher while holding its lock, and waited
+    # on grpc's serving thread for the same lock when a watcher closed: both threads stopped
+    # for good (a SIGTERM that never finished, in CI). Hold the lock as a status change does,
+    # close a watch, then make a call: grpc's serving thread must get to it.
+    daemon = harness.start()
+    assert daemon.daemon is not None
+    channel = _own_channel(daemon)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    with daemon.daemon.health._lock:
+        watch.cancel()  # its close reaches the serving thread before the call below does
+        code = rpc_code(lambda: faceseal_pb2_grpc.FaceSealServiceStub(channel).Match(_match_request(), timeout=5))
+    assert code is grpc.StatusCode.NOT_FOUND  # answered, not DEADLINE_EXCEEDED
+    assert health(daemon.dev, daemon.target) == "SERVING"
+
+
 def test_streams_per_connection_are_capped(harness: InProcessDaemon) -> None:
     daemon = _start(harness, max_concurrent_streams=2)
     channel = _own_channel(daemon)
