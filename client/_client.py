@@ -282,28 +282,23 @@ class FaceSealClient(Connection):
     ) -> list[Candidate]:
         """Closest first; only subjects within the gallery's threshold, so an empty list is an answer."""
         request = faceseal_pb2.IdentifyRequest(gallery=gallery, probe=as_floats(probe), top_k=top_k)
-        response = self._call(self._stub.Identify, request, timeout)
-        return [
-            Candidate(c.subject_id, _f32(c.distance) if c.HasField("distance") else None) for c in response.candidates
-        ]
+        return _candidates(self._call(self._stub.Identify, request, timeout).candidates)
 
     def identify_batch(
         self, probes: Iterable[EncodingLike], *, top_k: int = 5, gallery: str = "", timeout: float | None = None
     ) -> list[list[Candidate]]:
         """``identify`` for several probes in one call, answers in probe order.
 
-        Cheaper than one call per probe (the daemon reads the gallery once per group of probes),
-        not a way around limits: every probe spends one search of the caller's Identify budget,
-        and a batch holds at most the daemon's ``max_identify_batch`` probes (default 64).
+        Cheaper than one call per probe (the daemon reads the gallery once for the batch), not a
+        way around limits: every probe counts against the caller's request rate and spends one
+        search of its Identify budget, and a batch holds at most the daemon's
+        ``max_identify_batch`` probes (default 64).
         """
         request = faceseal_pb2.IdentifyBatchRequest(gallery=gallery, top_k=top_k)
         for probe in probes:
             request.probes.add(encoding=as_floats(probe))
         response = self._call(self._stub.IdentifyBatch, request, timeout)
-        return [
-            [Candidate(c.subject_id, _f32(c.distance) if c.HasField("distance") else None) for c in result.candidates]
-            for result in response.results
-        ]
+        return [_candidates(result.candidates) for result in response.results]
 
     def delete(self, subject_id: str, *, gallery: str = "", timeout: float | None = None) -> int:
         """Return how many templates were removed."""
@@ -312,6 +307,10 @@ class FaceSealClient(Connection):
 
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _candidates(found: Iterable[faceseal_pb2.Candidate]) -> list[Candidate]:
+    return [Candidate(c.subject_id, _f32(c.distance) if c.HasField("distance") else None) for c in found]
 
 
 def _f32(value: float) -> float:

@@ -28,7 +28,7 @@ from typing import TextIO, TypeVar
 import grpc
 
 from faceseal.client._admin import AdminClient, RewrapProgress
-from faceseal.client._client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Connection, FaceSealClient
+from faceseal.client._client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Candidate, Connection, FaceSealClient
 from faceseal.client._encodings import load_encoding, load_encodings
 from faceseal.client._errors import FaceSealClientError
 from faceseal.client._import import (
@@ -82,27 +82,24 @@ def _identify(client: FaceSealClient, args: argparse.Namespace) -> _Output:
     probes = load_encodings(args.probe_file)
     if probes.shape[0] == 1:
         candidates = client.identify(probes[0], top_k=args.top_k, gallery=args.gallery)
-        lines = [c.subject_id + _distance(c.distance) for c in candidates]
-        return _Output(
-            {"candidates": [{"subject_id": c.subject_id, "distance": c.distance} for c in candidates]},
-            "\n".join(lines) if lines else "no candidate within threshold",
-        )
+        return _Output({"candidates": _candidates_json(candidates)}, _candidates_text(candidates, "\n"))
     # Several probes (one per row): IdentifyBatch, at most --batch probes per call.
     answers = [
         found
         for first in range(0, probes.shape[0], args.batch)
         for found in client.identify_batch(probes[first : first + args.batch], top_k=args.top_k, gallery=args.gallery)
     ]
-    none = "no candidate within threshold"
-    text = [
-        f"probe {i}: " + (", ".join(c.subject_id + _distance(c.distance) for c in found) or none)
-        for i, found in enumerate(answers)
-    ]
-    results: list[JsonValue] = [
-        {"probe": i, "candidates": [{"subject_id": c.subject_id, "distance": c.distance} for c in found]}
-        for i, found in enumerate(answers)
-    ]
-    return _Output({"results": results}, "\n".join(text))
+    results: list[JsonValue] = [{"probe": i, "candidates": _candidates_json(f)} for i, f in enumerate(answers)]
+    text = "\n".join(f"probe {i}: {_candidates_text(found, ', ')}" for i, found in enumerate(answers))
+    return _Output({"results": results}, text)
+
+
+def _candidates_json(candidates: list[Candidate]) -> list[JsonValue]:
+    return [{"subject_id": c.subject_id, "distance": c.distance} for c in candidates]
+
+
+def _candidates_text(candidates: list[Candidate], separator: str) -> str:
+    return separator.join(c.subject_id + _distance(c.distance) for c in candidates) or "no candidate within threshold"
 
 
 def _delete(client: FaceSealClient, args: argparse.Namespace) -> _Output:

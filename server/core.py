@@ -415,9 +415,10 @@ class Core:
             name = state.barrier.keyed_hash(_BATCH_KEY_CONTEXT)
             for part in (caller.identity, key):
                 name.update(blob.field(part.encode()))
-            stored = self._store.batch(name.digest())
+            batch_key, items_digest = name.digest(), digest.digest()
+            stored = self._store.batch(batch_key)
             if stored is not None:
-                if not hmac.compare_digest(stored.digest, digest.digest()):
+                if not hmac.compare_digest(stored.digest, items_digest):
                     raise FailedPrecondition(
                         "this idempotency_key was used for a stream with other items; nothing was stored"
                     )
@@ -425,7 +426,7 @@ class Core:
                 # Nothing changes, but template ids are handed out again: the trail shows it.
                 self.audit.record(AuditEntry("OK", decision="replayed", candidates=len(replayed)))
                 return replayed
-            batch = BatchRecord(name.digest(), digest.digest(), _outcomes_to_json(prepared), time.time())
+            batch = BatchRecord(batch_key, items_digest, _outcomes_to_json(prepared), time.time())
         # The answer must fit one message: gRPC would refuse to send it after the commit, and
         # the client could not tell a stored stream from a refused one.
         if sum(_RESULT_BYTES + (len(str(p).encode()) if not isinstance(p, _Pending) else 0) for p in prepared) > (

@@ -169,12 +169,7 @@ class Gallery:
                 return []
             matrix = self._matrix[:n]
             scores = distance.approximate(matrix, self._sq_norms[:n], probe, self.config.metric)
-            want = min(n, 2 * top_k + 8)
-            while True:
-                hits = self._rank(matrix, distance.shortlist(scores, want), probe, top_k, complete=want == n)
-                if hits is not None:
-                    return hits
-                want = min(n, want * 4)
+            return self._search(matrix, scores, probe, top_k, min(n, 2 * top_k + 8))
 
     def identify_many(self, probes: F32, top_k: int) -> list[list[Hit]]:
         """``identify`` for each row of ``probes``, reading the matrix once for all of them.
@@ -239,12 +234,19 @@ class Gallery:
                 hits = self._rank(matrix, best_rows[i], probe, top_k, complete=want == n)
                 if hits is None:  # widen, as identify does, with this probe's own scores
                     scores_one = distance.approximate(matrix, self._sq_norms[:n], probe, metric)
-                    wider = want
-                    while hits is None:
-                        wider = min(n, wider * 4)
-                        hits = self._rank(matrix, distance.shortlist(scores_one, wider), probe, top_k, wider == n)
+                    hits = self._search(matrix, scores_one, probe, top_k, min(n, want * 4))
                 answers.append(hits)
         return answers
+
+    def _search(self, matrix: F32, scores: F32, probe: F32, top_k: int, want: int) -> list[Hit]:
+        """``_rank`` the ``want`` best-scored rows, widening the short list fourfold until it
+        settles the answer (at worst it is every row). Called with the lock held."""
+        n = matrix.shape[0]
+        while True:
+            hits = self._rank(matrix, distance.shortlist(scores, want), probe, top_k, complete=want == n)
+            if hits is not None:
+                return hits
+            want = min(n, want * 4)
 
     def _rank(
         self, matrix: F32, rows: npt.NDArray[np.intp], probe: F32, top_k: int, complete: bool

@@ -114,11 +114,13 @@ class _PgTx:
 class PostgresStore(SqlStore):
     """A Store over a PostgreSQL database, through a connection pool."""
 
+    # Rows another transaction is pruning are skipped: two replicas deleting the same old
+    # batches in different orders could otherwise deadlock.
+    _batch_prune = "DELETE FROM batches WHERE key IN (SELECT key FROM batches WHERE created < ? FOR UPDATE SKIP LOCKED)"
     # One statement that creates the counter if it is missing, locks its row and reads it:
     # SELECT FOR UPDATE on a missing row locks nothing, so two transactions creating the same
     # counter both started from zero and the second upsert overwrote the first's count. The
     # no-op update makes ON CONFLICT lock the existing row and RETURNING read it.
-    _batch_prune = "DELETE FROM batches WHERE key IN (SELECT key FROM batches WHERE created < ? FOR UPDATE SKIP LOCKED)"
     _guard_select = (
         "INSERT INTO guard (scope, key, count, window_start, locked_until, level) VALUES (?, ?, 0, 0, 0, 0)"
         " ON CONFLICT (scope, key) DO UPDATE SET level = guard.level"

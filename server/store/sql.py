@@ -334,8 +334,7 @@ class SqlStore(ABC):
     # SQLite's write transaction locks the whole file; PostgreSQL's statement also locks the row
     # (and creates it: an all-zero counter reads the same as none).
     _guard_select = "SELECT count, window_start, locked_until, level FROM guard WHERE scope = ? AND key = ?"
-    # PostgreSQL skips rows another transaction is pruning: two replicas deleting the same old
-    # batches in different orders could otherwise deadlock.
+    # Forgets the batch records past their retention (PostgreSQL skips rows being pruned).
     _batch_prune = "DELETE FROM batches WHERE created < ?"
 
     # -- following ---------------------------------------------------------------------------
