@@ -277,7 +277,29 @@ def _methods() -> list[tuple[str, str]]:
 
 
 def serve(config_path: Path) -> int:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the policy and certificates."""
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the policy and certificates.
+
+    The handlers go in before anything slow (config, store, key material): a SIGTERM that
+    arrives while the daemon is still building itself, as when a supervisor stops a worker it
+    has just started, must end it cleanly with 0, not kill it with the default action.
+    """
+    stopping = threading.Event()
+    reload_asked = threading.Event()
+    built: list[Daemon] = []
+
+    def on_term(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal received; draining", extra={"signal": signal.Signals(signum).name})
+        stopping.set()
+
+    def on_hup(_signum: int, _frame: FrameType | None) -> None:
+        if not built:  # still starting: reload once the daemon exists, with the files as they are then
+            reload_asked.set()
+            return
+        threading.Thread(target=built[0].reload, name="reload").start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
     os.umask(0o077)
     logs.configure()
     hardening = hygiene.apply()
@@ -289,7 +311,7 @@ def serve(config_path: Path) -> int:
         config = load_config(config_path)
         index = workers.worker_index()
         if config.server.workers > 1 and index is None:
-            return workers.supervise(config_path, config.server.workers)
+            return workers.supervise(config_path, config.server.workers, stopping)
         if index is not None:
             config = for_worker(config, index)
             if config.server.pin_workers:
@@ -298,19 +320,11 @@ def serve(config_path: Path) -> int:
     except (ConfigError, StoreError) as exc:
         log.error("cannot start", extra={"reason": str(exc)})
         raise ConfigError(str(exc)) from None
-    stopping = threading.Event()
-
-    def on_term(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal received; draining", extra={"signal": signal.Signals(signum).name})
-        stopping.set()
-
-    def on_hup(_signum: int, _frame: FrameType | None) -> None:
-        threading.Thread(target=daemon.reload, name="reload").start()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, on_hup)
-    daemon.start()
-    stopping.wait()
+    built.append(daemon)
+    if reload_asked.is_set():
+        daemon.reload()
+    if not stopping.is_set():
+        daemon.start()
+        stopping.wait()
     daemon.stop()
     return 0

@@ -51,10 +51,15 @@ def pin(index: int) -> int:
     return cpu
 
 
-def supervise(config_path: Path, workers: int) -> int:
-    """Run ``workers`` copies of ``faceseald serve`` until SIGTERM/SIGINT; returns the exit code."""
-    stopping = threading.Event()
+def supervise(config_path: Path, workers: int, stopping: threading.Event) -> int:
+    """Run ``workers`` copies of ``faceseald serve`` until SIGTERM/SIGINT; returns the exit code.
+
+    ``stopping`` is set by the caller's handler if a stop signal came before this took over.
+    The exit code is 0 when every worker ended cleanly: with 0, or killed by the very stop signal
+    the supervisor passed on (a worker still importing has no handler yet, and nothing in flight).
+    """
     procs: dict[int, subprocess.Popen[bytes]] = {}
+    stop_signal = [signal.SIGTERM]
 
     def spawn(index: int) -> None:
         env = {**os.environ, WORKER_ENV: str(index)}
@@ -63,18 +68,23 @@ def supervise(config_path: Path, workers: int) -> int:
         )
         log.info("worker started", extra={"worker": index, "pid": procs[index].pid})
 
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            stopping.set()
+    def send_all(signum: int) -> None:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(signum)
 
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stop_signal[0] = signal.Signals(signum)
+            stopping.set()
+        send_all(signum)
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     for index in range(workers):
-        spawn(index)
-    backoff = dict.fromkeys(procs, 0.5)
+        if not stopping.is_set():
+            spawn(index)
+    backoff = dict.fromkeys(range(workers), 0.5)
     while not stopping.is_set():
         for index, proc in list(procs.items()):
             code = proc.poll()
@@ -85,12 +95,20 @@ def supervise(config_path: Path, workers: int) -> int:
                 if not stopping.is_set():
                     spawn(index)
         stopping.wait(0.5)
+    # Once more: a worker spawned while the signal was being handled never saw it.
+    send_all(stop_signal[0])
     deadline = time.monotonic() + 60
-    status = 0
-    for proc in procs.values():
+    clean = True
+    for index, proc in procs.items():
         try:
-            status |= proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
-            status = 1
-    return 1 if status else 0
+            proc.wait()
+            log.error("worker did not stop within 60 s; killed", extra={"worker": index})
+            clean = False
+            continue
+        if code not in (0, -stop_signal[0]):
+            log.error("worker stopped with an error", extra={"worker": index, "exit_code": code})
+            clean = False
+    return 0 if clean else 1

@@ -391,19 +391,9 @@ class SubprocessDaemon:
 
     def start(self) -> SubprocessDaemon:
         assert self.proc is None, "already running"
-        assert FACESEALD.is_file(), f"{FACESEALD} is missing: is the package installed in this venv?"
         for _attempt in range(5):
-            self.port = free_port()
-            self.dev.set_server(listen=self.target)
-            self.dev.edit_config(lambda c: c.setdefault("metrics", {}).update(listen="127.0.0.1:0"))
             offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            with self.log_path.open("ab") as log:
-                self.proc = subprocess.Popen(
-                    [str(FACESEALD), "serve", "--config", str(self.dev.config_path)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                )
+            self.launch()
             status = poll("the daemon to report SERVING or exit", self._started, deadline=STARTUP_DEADLINE)
             if status == "SERVING":
                 return self
@@ -411,6 +401,20 @@ class SubprocessDaemon:
                 raise AssertionError(f"faceseald exited with {status} at start; its log:\n{self.log()}")
             self.proc = None  # someone took the port meanwhile: pick another
         raise AssertionError("could not find a free port for faceseald")
+
+    def launch(self) -> None:
+        """Start the process on a free port and return at once, without waiting for it to serve."""
+        self.port = free_port()
+        self.dev.set_server(listen=self.target)
+        self.dev.edit_config(lambda c: c.setdefault("metrics", {}).update(listen="127.0.0.1:0"))
+        assert FACESEALD.is_file(), f"{FACESEALD} is missing: is the package installed in this venv?"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(FACESEALD), "serve", "--config", str(self.dev.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
 
     def _started(self) -> str | None:
         assert self.proc is not None

@@ -45,6 +45,31 @@ def test_sigterm_exits_0_and_the_port_closes(subprocess_daemon: SubprocessDaemon
         assert gateway.match("alice", ALICE).match is True
 
 
+def _launch_and_wait_for_hardening(subprocess_daemon: SubprocessDaemon) -> None:
+    """Start the daemon and return once it runs Python of its own, well before it serves."""
+    subprocess_daemon.launch()
+    poll("the daemon's first log line", lambda: '"msg":"process hardened"' in subprocess_daemon.log() or None)
+
+
+def test_sigterm_while_starting_exits_0(subprocess_daemon: SubprocessDaemon) -> None:
+    """A stop during start-up (store, keys, TLS still loading) is a clean stop, not a kill."""
+    _launch_and_wait_for_hardening(subprocess_daemon)
+    code = subprocess_daemon.stop()
+    assert code == 0, f"exit code {code}; the log:\n{subprocess_daemon.log()}"
+    assert '"msg":"stopped"' in subprocess_daemon.log()
+
+
+def test_sighup_while_starting_is_applied_once_started_not_fatal(subprocess_daemon: SubprocessDaemon) -> None:
+    """SIGHUP's default action ends a process; one sent during start-up (a reload hook firing
+    early) must not take the daemon down, and is carried out once the daemon exists."""
+    _launch_and_wait_for_hardening(subprocess_daemon)
+    subprocess_daemon.send(signal.SIGHUP)
+    dev, target = subprocess_daemon.dev, subprocess_daemon.target
+    poll("the daemon to serve", lambda: health(dev, target, timeout=1.0) == "SERVING" or None)
+    assert '"msg":"policy and certificates reloaded"' in subprocess_daemon.log()
+    assert subprocess_daemon.stop() == 0
+
+
 def test_sigterm_reports_not_serving_then_ends_in_flight_calls_within_grace(
     subprocess_daemon: SubprocessDaemon,
 ) -> None:

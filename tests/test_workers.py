@@ -65,13 +65,19 @@ def test_two_workers_share_the_port_and_each_others_writes(subprocess_daemon: Su
     assert all("Match" in methods for methods in per_worker.values()), per_worker
     assert sum(methods.count("Enroll") for methods in per_worker.values()) == 1
 
-    subprocess_daemon.send(signal.SIGTERM)
-    assert subprocess_daemon.wait(timeout=30) == 0
+    stopped_cleanly(subprocess_daemon)
     assert not [
         pid
         for pid in workers
         if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
     ]
+
+
+def stopped_cleanly(daemon: SubprocessDaemon) -> None:
+    """SIGTERM the supervisor; it must exit 0 (every worker drained), else show why."""
+    daemon.send(signal.SIGTERM)
+    code = daemon.wait(timeout=30)
+    assert code == 0, f"exit code {code}; the log:\n{daemon.log()}"
 
 
 def allowed_cpus(pid: int) -> set[str]:
@@ -105,5 +111,28 @@ def test_pinned_workers_each_run_every_thread_on_a_cpu_of_their_own(subprocess_d
     pinned = [allowed_cpus(pid) for pid in workers]
     assert all(len(p) == 1 for p in pinned), f"every thread of a worker should share one CPU: {pinned}"
     assert {next(iter(p)) for p in pinned} == {str(cpus[0]), str(cpus[1])}
-    subprocess_daemon.send(signal.SIGTERM)
-    assert subprocess_daemon.wait(timeout=30) == 0
+    stopped_cleanly(subprocess_daemon)
+
+
+@pytest.mark.parametrize("moment", ["workers_importing", "workers_building"])
+def test_a_stop_while_the_workers_are_still_starting_ends_everything_cleanly(
+    subprocess_daemon: SubprocessDaemon, moment: str
+) -> None:
+    """systemd or an operator may stop the daemon at any moment, including the first second.
+
+    A worker still importing has no handler yet; one building its store and keys has. Either
+    way the supervisor must report a clean stop (0), not a worker error, and leave no worker.
+    """
+    dev = subprocess_daemon.dev
+    dev.set_server(workers=2, pin_workers=True)
+    subprocess_daemon.launch()
+    workers = poll("two workers", lambda: w if len(w := children(subprocess_daemon.pid)) == 2 else None)
+    if moment == "workers_building":
+        # Pinning is the first thing a worker does after its handlers are in and its config read.
+        poll(
+            "both workers to start building",
+            lambda: subprocess_daemon.log().count('"msg":"worker pinned"') == 2 or None,
+        )
+    stopped_cleanly(subprocess_daemon)
+    assert '"msg":"worker exited; restarting"' not in subprocess_daemon.log()
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
