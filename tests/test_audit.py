@@ -184,6 +184,45 @@ def test_unwritable_audit_log_refuses_calls_and_changes_nothing(dev: Dev, harnes
     assert harness.daemon.metrics.audit_failures._value.get() >= 2
 
 
+def test_a_short_write_whose_cut_fails_is_cut_before_the_next_record(
+    dev: Dev, harness: InProcessDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that takes half a record and then refuses the truncate (EIO) must not leave the
+    half line for the next record to be appended to: the chain would break mid-segment."""
+    enc = random_encodings(2, seed=6)
+    harness.start()
+    assert harness.daemon is not None
+    audit = harness.daemon.core.audit
+    real_write, real_truncate = os.write, os.ftruncate
+    short_writes, disk_failing = [1], [True]
+
+    def write(fd: int, data: bytes) -> int:
+        if fd == audit._fd and short_writes[0]:
+            short_writes[0] -= 1
+            return real_write(fd, data[: len(data) // 2])
+        return real_write(fd, data)
+
+    def ftruncate(fd: int, length: int) -> None:
+        if fd == audit._fd and disk_failing[0]:
+            raise OSError(5, "Input/output error")
+        real_truncate(fd, length)
+
+    with harness.client("enroller") as enroller, harness.client("gateway") as gateway:
+        enroller.enroll("subject-okapi-5678", enc[0])
+        monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(os, "ftruncate", ftruncate)
+        # The short write: refused. The next call finds the cut still failing: refused too.
+        assert rpc_code(lambda: enroller.enroll("subject-zebra-1234", enc[1])) is grpc.StatusCode.UNAVAILABLE
+        assert rpc_code(lambda: gateway.match("subject-okapi-5678", enc[0])) is grpc.StatusCode.UNAVAILABLE
+        # The disk recovers: the half record is cut first, then the call is recorded and answered.
+        disk_failing[0] = False
+        assert gateway.match("subject-okapi-5678", enc[0]).match
+    harness.stop()
+    result = verify(dev)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [r["method"].rsplit("/", 1)[-1] for r in audit_lines(dev)][-1] == "Match"
+
+
 def test_cli_audit_hash_finds_the_subjects_records(daemon: InProcessDaemon, dev: Dev) -> None:
     mixed_run(daemon)
     faceseal = Path(sys.executable).with_name("faceseal")

@@ -19,7 +19,6 @@ segments stay verifiable after the data keys that existed then were retired.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import hmac
@@ -123,6 +122,7 @@ class AuditLog:
                 break
         self._fd = self._open(self._number)
         self._size = os.fstat(self._fd).st_size  # tracked from here on: no fstat per record
+        self._torn = False  # a short write whose cut failed: bytes past _size to cut first
 
     def _path(self, number: int) -> Path:
         return self._dir / f"audit-{number:08d}.jsonl"
@@ -142,7 +142,8 @@ class AuditLog:
         """Write one record per entry for the current call with a single ``write``, in order.
 
         All or none: a failed or short write is cut back off the segment, so the chain never
-        holds a record the caller was refused for. Raises Unavailable if they cannot be written.
+        holds a record the caller was refused for; if that cut fails, every later record is
+        refused until it succeeds. Raises Unavailable if they cannot be written.
         """
         if not entries:
             return  # nothing to record: an empty write would put a blank line in the chain
@@ -197,6 +198,7 @@ class AuditLog:
                 lines.append(line)
             data = b"\n".join(lines) + b"\n"
             try:
+                self._cut_torn_tail()
                 if self._size + len(data) > self._max and self._seq > 0:
                     self._rotate()
                 self._write_all_or_nothing(data)
@@ -210,15 +212,21 @@ class AuditLog:
         self._metrics.audit_records.inc(len(lines))
 
     def _write_all_or_nothing(self, data: bytes) -> None:
-        try:
-            written = os.write(self._fd, data)
-            if written != len(data):
-                raise OSError(errno.ENOSPC, "short write")
-        except OSError:
-            with contextlib.suppress(OSError):  # a device (e.g. /dev/full) cannot be truncated
+        written = os.write(self._fd, data)  # raising, it wrote nothing
+        if written != len(data):
+            try:
                 os.ftruncate(self._fd, self._size)
-            raise
+            except OSError:
+                # The part written stays for now; the next record must not follow it on its line.
+                self._torn = True
+            raise OSError(errno.ENOSPC, "short write")
         self._size += written
+
+    def _cut_torn_tail(self) -> None:
+        """Cut what a short write left, before anything else is written; raise while it cannot be."""
+        if self._torn:
+            os.ftruncate(self._fd, self._size)
+            self._torn = False
 
     def _rotate(self) -> None:
         os.fsync(self._fd)
