@@ -201,6 +201,9 @@ def test_reads_use_the_primary_key_or_the_subject_index(db_path: Path) -> None:
         }
         # No index on template_id: nothing looks a row up by it.
         assert indexes == {"templates_subject", "templates_key_version"}
+        # Every enrollment prunes batch records past retention: by the index, not a table scan.
+        prune = _plan(store, sql.SqlStore._batch_prune, (0.0,))
+        assert "batches_created" in prune, prune
     finally:
         store.close()
 

@@ -87,7 +87,8 @@ _MIGRATIONS: tuple[str, ...] = (
         digest BYTEA NOT NULL,
         outcome BYTEA NOT NULL,
         created DOUBLE PRECISION NOT NULL
-    )
+    );
+    CREATE INDEX batches_created ON batches (created);
     """,
 )
 

@@ -114,6 +114,8 @@ _MIGRATIONS: tuple[str, ...] = (
         outcome BLOB NOT NULL,
         created REAL NOT NULL
     ) STRICT, WITHOUT ROWID;
+    -- The prune every enrollment runs finds old batches by this, not by a scan.
+    CREATE INDEX batches_created ON batches (created);
     """,
 )
 
