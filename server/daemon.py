@@ -300,6 +300,8 @@ def serve(config_path: Path) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
+    # A worker's supervisor starts it with these blocked, so that none is lost or fatal before now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, workers.HANDLED_SIGNALS)
     os.umask(0o077)
     logs.configure()
     hardening = hygiene.apply()

@@ -26,6 +26,8 @@ from types import FrameType
 log = logging.getLogger("faceseal.workers")
 
 WORKER_ENV = "FACESEAL_WORKER"
+# Stop (TERM, INT) and reload (HUP): what the supervisor passes on and a worker handles.
+HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 def worker_index() -> int | None:
@@ -56,16 +58,24 @@ def supervise(config_path: Path, workers: int, stopping: threading.Event) -> int
 
     ``stopping`` is set by the caller's handler if a stop signal came before this took over.
     The exit code is 0 when every worker ended cleanly: with 0, or killed by the very stop signal
-    the supervisor passed on (a worker still importing has no handler yet, and nothing in flight).
+    (systemd signals every process of the unit, not only this one; a worker without its handler
+    yet has nothing in flight).
     """
     procs: dict[int, subprocess.Popen[bytes]] = {}
     stop_signal = [signal.SIGTERM]
 
     def spawn(index: int) -> None:
         env = {**os.environ, WORKER_ENV: str(index)}
-        procs[index] = subprocess.Popen(  # our own entry point, fixed arguments
-            [sys.executable, "-m", "faceseal.server.cli", "serve", "--config", str(config_path)], env=env
-        )
+        # The worker starts with these signals blocked (the mask survives fork and exec) and
+        # unblocks them once its handlers are in: one passed on while it is still importing
+        # waits for its handler instead of ending it by the default action.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            procs[index] = subprocess.Popen(  # our own entry point, fixed arguments
+                [sys.executable, "-m", "faceseal.server.cli", "serve", "--config", str(config_path)], env=env
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         log.info("worker started", extra={"worker": index, "pid": procs[index].pid})
 
     def send_all(signum: int) -> None:
@@ -79,7 +89,7 @@ def supervise(config_path: Path, workers: int, stopping: threading.Event) -> int
             stopping.set()
         send_all(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in HANDLED_SIGNALS:
         signal.signal(sig, forward)
     for index in range(workers):
         if not stopping.is_set():

@@ -136,3 +136,21 @@ def test_a_stop_while_the_workers_are_still_starting_ends_everything_cleanly(
     stopped_cleanly(subprocess_daemon)
     assert '"msg":"worker exited; restarting"' not in subprocess_daemon.log()
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+
+
+def test_a_reload_while_the_workers_are_still_importing_is_applied_not_fatal(
+    subprocess_daemon: SubprocessDaemon,
+) -> None:
+    """SIGHUP's default action ends a process. Passed on to a worker that has no handler yet,
+    it must wait for the handler (the supervisor starts workers with it blocked), not end the
+    worker and cost a restart."""
+    dev = subprocess_daemon.dev
+    dev.set_server(workers=2)
+    subprocess_daemon.launch()
+    poll("two workers", lambda: len(children(subprocess_daemon.pid)) == 2 or None)
+    subprocess_daemon.send(signal.SIGHUP)
+    poll("both workers to listen", lambda: subprocess_daemon.log().count('"msg":"listening"') == 2 or None)
+    log = subprocess_daemon.log()
+    assert log.count('"msg":"policy and certificates reloaded"') == 2, log
+    assert '"msg":"worker exited; restarting"' not in log
+    stopped_cleanly(subprocess_daemon)
