@@ -53,6 +53,18 @@ class Cluster:
 
     def start(self) -> None:
         self._run(_bin("initdb"), "-D", str(self.data), "--auth=trust", "-U", self.user, "--no-sync", "-E", "UTF8")
+        for _attempt in range(3):
+            try:
+                self._start_server()
+                return
+            except subprocess.CalledProcessError:
+                log = (self.root / "log").read_text(errors="replace") if (self.root / "log").exists() else ""
+                if "could not bind" not in log:
+                    raise
+                self.port = _free_port()  # another process took the port after we picked it
+        self._start_server()
+
+    def _start_server(self) -> None:
         self._run(
             _bin("pg_ctl"),
             "-D",

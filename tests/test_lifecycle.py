@@ -135,7 +135,8 @@ def test_sighup_reloads_the_policy_without_dropping_connections(
 
     # The enroller's rights were not touched by the reload.
     dev.client(target, "enroller").enroll("bob", BOB)
-    assert "policy and certificates reloaded" in subprocess_daemon.log()
+    # The reload thread logs just after the new policy takes effect: wait for the line.
+    poll("the reload's log line", lambda: "policy and certificates reloaded" in subprocess_daemon.log() or None)
 
 
 def _not_toml(dev: Dev) -> None:

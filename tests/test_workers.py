@@ -43,6 +43,8 @@ def test_two_workers_share_the_port_and_each_others_writes(subprocess_daemon: Su
     subprocess_daemon.start()
     workers = children(subprocess_daemon.pid)
     assert len(workers) == 2, "the supervisor should run exactly two worker processes"
+    # The port answers once one worker serves; the other may still be unsealing.
+    poll("both workers to unseal", lambda: subprocess_daemon.log().count('"msg":"unsealed"') == 2 or None)
 
     alice = random_encodings(1, seed=21)[0]
     with dev.client(subprocess_daemon.target, "enroller") as enroller:
