@@ -306,25 +306,48 @@ def test_certificate_from_another_ca_is_refused(serving: InProcessDaemon) -> Non
 def test_certificate_expiring_on_an_open_connection_is_refused_at_its_next_call(harness: InProcessDaemon) -> None:
     dev = harness.dev
     _add_kiosk(dev)
+    harness.start()
+    dev.client(harness.target, "enroller").enroll("alice", ALICE)
+
+    # Issued only now, so that its short life is spent on the connection under test rather than
+    # on the daemon's start. X.509 keeps whole seconds, so it has 4 to 5 s left: enough for one
+    # handshake and call on a loaded machine, short enough to wait for.
     now = datetime.now(UTC)
     short = pki.issue_client(
         dev.ca(),
         "kiosk",
         spiffe_id=f"{TRUST_DOMAIN}/kiosk",
         not_before=now - timedelta(minutes=1),
-        not_after=now + timedelta(seconds=2),
+        not_after=now + timedelta(seconds=5),
     )
     for name, data in (("kiosk-short.crt", short.cert_pem()), ("kiosk-short.key", short.key_pem())):
         path: Path = dev.dir / "clients" / name
         path.write_bytes(data)
-    harness.start()
-    dev.client(harness.target, "enroller").enroll("alice", ALICE)
+    expires = short.cert.not_valid_after_utc.timestamp()
 
     channel = dev.channel(harness.target, "kiosk-short")
     match = _match(faceseal_pb2_grpc.FaceSealServiceStub(channel))
     match()  # handshake and call while the certificate is valid
-    time.sleep(max(0.0, (short.cert.not_valid_after_utc - datetime.now(UTC)).total_seconds()) + 0.2)
-    err = rpc_error(match)  # the same connection: TLS will not look at the dates again
+
+    def refused() -> grpc.RpcError | None:
+        """Call again on the same connection: None while served, the error once refused."""
+        before = time.time()
+        try:
+            match()
+        except grpc.RpcError as err:
+            # The daemon (in this process, on this clock) decided after ``before`` and before
+            # now: a refusal while the certificate was still valid would show here.
+            assert time.time() > expires, "refused before the certificate expired"
+            return err
+        assert before <= expires, "served after the certificate expired"
+        return None
+
+    # Called again and again until the daemon refuses: every call it serves must have started
+    # before the expiry, the refusal must come after it, and it must come (poll's deadline).
+    wait = expires - time.time() + 10
+    err = poll("the kiosk to be refused once its certificate expired", refused, deadline=wait, every=0.1)
+    # The same connection: a new one would fail at the handshake (UNAVAILABLE), as TLS checks the
+    # dates only there; this refusal comes from the daemon's own per-call check.
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "validity" in (err.details() or "")
     assert _denied(harness, "expired") == 1
