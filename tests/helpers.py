@@ -575,3 +575,33 @@ def lift_rate_limit(dev: Dev) -> None:
     guard: raise its per-caller request rate (200/s by default) out of the way before the daemon
     starts. Lockouts and failure budgets stay as configured."""
     dev.edit_config(lambda c: c.setdefault("guard", {}).update(caller_rate=1_000_000.0))
+
+
+# ------------------------------------------------------------------------ the abuse guard's clock
+
+
+class GuardClock:
+    """The abuse guard's clock in a running ``InProcessDaemon``, under the test's control.
+
+    The guard reads the wall clock for its request rate, lockouts and budgets, so a test that
+    counts on seconds passing (or not passing) between two calls depends on how fast the machine
+    runs. Installed (after ``start``; a restart brings the wall clock back), this clock starts at
+    the guard's current time, follows the wall clock for ``runs_for`` seconds (by default not at
+    all) and then stands still; ``advance`` moves it on. Nothing else in the daemon reads it.
+    """
+
+    def __init__(self, harness: InProcessDaemon, *, runs_for: float = 0.0) -> None:
+        assert harness.daemon is not None, "start the daemon first"
+        guard = harness.daemon.core.guard
+        self._wall: Callable[[], float] = guard._clock
+        self._start = self._wall()
+        self._runs_for = runs_for
+        self._advanced = 0.0
+        guard._clock = self
+
+    def __call__(self) -> float:
+        ran = min(self._wall() - self._start, self._runs_for) if self._runs_for else 0.0
+        return self._start + ran + self._advanced
+
+    def advance(self, seconds: float) -> None:
+        self._advanced += seconds

@@ -1,12 +1,15 @@
 """The abuse guard end to end: an in-process daemon over mutual TLS, real dlib encodings.
 
-Each test shrinks the guard's windows and lockouts in [guard] so nothing waits long, turns the
-rules it is not about out of the way (``ISOLATED``), and polls with deadlines where time must
-pass. Covered: per-subject lockout (RESOURCE_EXHAUSTED with a RetryInfo; even the genuine probe
-is refused while locked; a match afterwards resets the counter), doubling lockouts, the
-per-caller failed-match budget across subjects, the Identify budget, the per-caller request rate,
-policy overrides per caller, the hill-climbing signature, state kept in the store across a
-restart, the metrics and the audit log, and ``enabled = false``.
+Each test shrinks the guard's windows and lockouts in [guard] so nothing waits long and turns the
+rules it is not about out of the way (``ISOLATED``). Where the outcome depends on time passing (a
+lockout ending, a rate's bucket refilling) the test runs the guard on a ``GuardClock`` that moves
+only when told to, so a slow machine cannot change what the guard decides.
+
+Covered: per-subject lockout (RESOURCE_EXHAUSTED with a RetryInfo; even the genuine probe is
+refused while locked; a match afterwards resets the counter), doubling lockouts, the per-caller
+failed-match budget across subjects, the Identify budget, the per-caller request rate, policy
+overrides per caller, the hill-climbing signature, state kept in the store across a restart, the
+metrics and the audit log, and ``enabled = false``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from helpers import F32, Dev, InProcessDaemon, db_snapshot, euclidean, load_real_encodings, poll, rpc_error
+from helpers import F32, Dev, GuardClock, InProcessDaemon, db_snapshot, euclidean, load_real_encodings, rpc_error
 from prometheus_client.parser import text_string_to_metric_families
 
 from faceseal.client import FaceSealClient, MatchResult, NotFoundError, ResourceExhaustedError
@@ -193,16 +196,17 @@ def test_lockout_refuses_even_the_genuine_probe_until_it_expires_then_a_match_re
     alice = faces.person(0)
     genuine, impostors = faces.genuine(alice), faces.impostors(alice, 8)
     started(harness, {"alice": faces.enc[alice]})
+    clock = GuardClock(harness)  # no time passes for the guard unless the test says so
     gateway = harness.client("gateway")
     assert gateway.match("alice", genuine).match
 
     fail(gateway, "alice", impostors[:3])
     err = refused(lambda: gateway.match("alice", genuine))  # the genuine user is locked out too
     assert err.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert err.retry_after is not None
-    assert 0 < err.retry_after <= 1.0
+    assert err.retry_after == pytest.approx(1.0)
     assert "locked out" in err.message
-    # The status itself carries a google.rpc.RetryInfo detail (AIP-193), not just a message.
+    # The status itself carries a google.rpc.RetryInfo detail (AIP-193), not just a message; a
+    # new connection changes nothing (the lockout is the subject's, kept in the store).
     raw = rpc_error(
         lambda: harness.stub("gateway").Match(faceseal_pb2.MatchRequest(subject_id="alice", probe=genuine.tolist()))
     )
@@ -213,11 +217,14 @@ def test_lockout_refuses_even_the_genuine_probe_until_it_expires_then_a_match_re
     assert len(infos) == 1
     info = error_details_pb2.RetryInfo()
     infos[0].Unpack(info)
-    assert 0 < info.retry_delay.ToTimedelta().total_seconds() <= 1.0
+    assert info.retry_delay.ToTimedelta().total_seconds() == pytest.approx(1.0)
 
-    # Once the lockout is over, the genuine probe matches again.
-    result = poll("the lockout to expire", lambda: answered(gateway, "alice", genuine), deadline=10)
-    assert result.match
+    # Halfway through, still locked, with half the wait left; once it is over, the genuine probe
+    # matches again.
+    clock.advance(0.5)
+    assert refused(lambda: gateway.match("alice", genuine)).retry_after == pytest.approx(0.5)
+    clock.advance(0.5)
+    assert gateway.match("alice", genuine).match
 
     # That match reset the subject's counter: 2 failures + match + 2 failures never locks, and
     # the next lockout is a first one again (1 s), not a second (2 s).
@@ -226,9 +233,7 @@ def test_lockout_refuses_even_the_genuine_probe_until_it_expires_then_a_match_re
     fail(gateway, "alice", impostors[5:7])
     assert gateway.match("alice", genuine).match
     fail(gateway, "alice", impostors[:3])
-    err = refused(lambda: gateway.match("alice", genuine))
-    assert err.retry_after is not None
-    assert 0 < err.retry_after <= 1.0
+    assert refused(lambda: gateway.match("alice", genuine)).retry_after == pytest.approx(1.0)
 
 
 def test_each_further_lockout_lasts_twice_as_long(harness: InProcessDaemon, faces: Faces) -> None:
@@ -236,18 +241,20 @@ def test_each_further_lockout_lasts_twice_as_long(harness: InProcessDaemon, face
     alice = faces.person(0)
     impostors = faces.impostors(alice, 4)
     started(harness, {"alice": faces.enc[alice]})
+    clock = GuardClock(harness)  # no time passes for the guard unless the test says so
     gateway = harness.client("gateway")
 
     fail(gateway, "alice", impostors[:2])
-    first = refused(lambda: gateway.match("alice", impostors[2])).retry_after
-    assert first is not None
-    assert 0.5 < first <= 1.0
-    # Wait it out by asking: refusals change nothing; the first answer is the next failure.
-    poll("the first lockout to expire", lambda: answered(gateway, "alice", impostors[2]), deadline=10)
-    fail(gateway, "alice", impostors[3:4])
-    second = refused(lambda: gateway.match("alice", impostors[0])).retry_after
-    assert second is not None
-    assert 1.5 < second <= 2.0
+    assert refused(lambda: gateway.match("alice", impostors[2])).retry_after == pytest.approx(1.0)
+    # Refusals change nothing; once the lockout is over, the first answer is the next failure.
+    clock.advance(1.0)
+    fail(gateway, "alice", impostors[2:4])
+    assert refused(lambda: gateway.match("alice", impostors[0])).retry_after == pytest.approx(2.0)
+    # It really lasts 2 s: still locked after 1.5, answered after 2.
+    clock.advance(1.5)
+    assert refused(lambda: gateway.match("alice", impostors[0])).retry_after == pytest.approx(0.5)
+    clock.advance(0.5)
+    assert gateway.match("alice", impostors[0]).match is False
 
 
 def all_at_once(calls: list[Callable[[], T]]) -> list[T]:
@@ -398,24 +405,34 @@ def test_a_batch_larger_than_the_whole_identify_budget_says_so(harness: InProces
 
 
 def test_the_request_rate_refuses_a_burst_then_refills(harness: InProcessDaemon, faces: Faces) -> None:
-    set_guard(harness.dev, **{**ISOLATED, "caller_rate": 5.0})
+    # 4/s: a token every 0.25 s, a step the guard's clock takes without rounding.
+    set_guard(harness.dev, **{**ISOLATED, "caller_rate": 4.0})
     alice = faces.person(0)
     genuine = faces.genuine(alice)
     started(harness, {"alice": faces.enc[alice]})
+    clock = GuardClock(harness)  # the burst takes no time for the guard, however slow the machine
     gateway = harness.client("gateway")
 
     outcomes = [answered(gateway, "alice", genuine) for _ in range(20)]
-    ok = [r for r in outcomes if r is not None]
-    assert all(r.match for r in ok)
-    assert 5 <= len(ok) <= 8, f"{len(ok)} of a burst of 20 admitted at 5/s"
-    assert all(r is not None for r in outcomes[:5]), "the first five (a second's worth) are admitted"
+    admitted = [r is not None for r in outcomes]
+    assert admitted == [True] * 4 + [False] * 16, "a second's worth (4) of a burst of 20 is admitted, no more"
+    assert all(r.match for r in outcomes if r is not None)
     err = refused(lambda: gateway.match("alice", genuine))
     assert "request rate" in err.message
-    assert err.retry_after is not None
-    assert 0 < err.retry_after <= 0.2
-    assert rejections(harness)["caller_rate"] == 20 - len(ok) + 1
-    result = poll("the bucket to refill", lambda: answered(gateway, "alice", genuine), deadline=5)
-    assert result.match
+    assert err.retry_after == pytest.approx(0.25)  # one token at 4/s
+    assert rejections(harness)["caller_rate"] == 17
+
+    # Half a token later, still refused, with half the wait left; after the wait it gave, one
+    # call is admitted, and only one.
+    clock.advance(0.125)
+    assert refused(lambda: gateway.match("alice", genuine)).retry_after == pytest.approx(0.125)
+    clock.advance(0.125)
+    assert gateway.match("alice", genuine).match
+    assert refused(lambda: gateway.match("alice", genuine)).retry_after == pytest.approx(0.25)
+    # A long pause fills the bucket to a second's worth, not more.
+    clock.advance(60.0)
+    assert [answered(gateway, "alice", genuine) is not None for _ in range(6)] == [True] * 4 + [False] * 2
+    assert rejections(harness)["caller_rate"] == 17 + 2 + 2
 
 
 def test_per_caller_policy_overrides_take_precedence_over_the_guard_defaults(
@@ -429,13 +446,14 @@ def test_per_caller_policy_overrides_take_precedence_over_the_guard_defaults(
     harness.dev.edit_caller("enroller", rate=1000.0)  # enrolls 12 subjects at once
     subjects = {f"person-{n}": faces.enc[faces.person(n)] for n in range(12)}
     started(harness, subjects)
+    clock = GuardClock(harness)  # no time passes for the guard unless the test says so
     names = list(subjects)
     genuine = faces.genuine(faces.person(0))
     spray = random_probe(1)
 
-    # The guard's defaults for a caller without overrides: a burst of 10 at 5/s is cut.
+    # The guard's defaults for a caller without overrides: a burst of 10 at 5/s is cut at 5.
     gateway = harness.client("gateway")
-    assert sum(answered(gateway, names[0], genuine) is not None for _ in range(10)) <= 7
+    assert [answered(gateway, names[0], genuine) is not None for _ in range(10)] == [True] * 5 + [False] * 5
 
     vip = harness.client("vip")
     assert all(vip.match(names[0], genuine).match for _ in range(20)), "rate 1000 overrides 5"
@@ -455,8 +473,11 @@ def test_per_caller_policy_overrides_take_precedence_over_the_guard_defaults(
     assert slow.match(names[0], genuine).match
     err = refused(lambda: slow.match(names[0], genuine))
     assert "request rate" in err.message
-    assert err.retry_after is not None
-    assert 1.5 < err.retry_after <= 2.0
+    assert err.retry_after == pytest.approx(2.0)  # one token at 0.5/s
+    clock.advance(1.5)
+    assert refused(lambda: slow.match(names[0], genuine)).retry_after == pytest.approx(0.5)
+    clock.advance(0.5)
+    assert slow.match(names[0], genuine).match, "and the bucket refills at 0.5/s"
 
 
 # -------------------------------------------------------------------- hill-climbing signature
