@@ -40,6 +40,7 @@ from faceseal.server.metrics import Metrics
 from faceseal.server.metrics_http import MetricsServer
 from faceseal.server.seal import seal_from_config
 from faceseal.server.seal.base import Seal
+from faceseal.server.signals import HANDLED_SIGNALS, SignalFlag
 from faceseal.server.store.base import Store, StoreError
 from faceseal.server.store.sqlite import SQLiteStore
 from faceseal.v1 import admin_pb2, admin_pb2_grpc, faceseal_pb2, faceseal_pb2_grpc
@@ -121,6 +122,7 @@ class Daemon:
         self.metrics_port: int | None = None
         self._metrics_server: MetricsServer | None = None
         self._stop_unsealing = threading.Event()
+        self._reload_lock = threading.Lock()
         self._follower: threading.Thread | None = None
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="rpc"),
@@ -200,16 +202,19 @@ class Daemon:
 
     def reload(self) -> None:
         """Re-read the policy and the TLS files; keep the old ones if the new ones are invalid."""
-        try:
-            policy = load_policy(self.config.server.policy)
-            self._certs.reload()
-        except ConfigError as exc:
-            log.error("reload refused; keeping the running policy and certificates", extra={"reason": str(exc)})
-            return
-        self.policies.replace(policy)
-        log.info(
-            "policy and certificates reloaded", extra={"callers": len(policy.rules), "revoked": len(policy.revoked)}
-        )
+        # One at a time: two overlapping reloads could otherwise apply the older read last and
+        # bring back a policy (say, before a revocation) the newer one had replaced.
+        with self._reload_lock:
+            try:
+                policy = load_policy(self.config.server.policy)
+                self._certs.reload()
+            except ConfigError as exc:
+                log.error("reload refused; keeping the running policy and certificates", extra={"reason": str(exc)})
+                return
+            self.policies.replace(policy)
+            log.info(
+                "policy and certificates reloaded", extra={"callers": len(policy.rules), "revoked": len(policy.revoked)}
+            )
 
     def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish within the grace period, then close."""
@@ -279,31 +284,43 @@ def _methods() -> list[tuple[str, str]]:
 def serve(config_path: Path) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the policy and certificates.
 
+    Once the daemon has stopped, the three signals are ignored: a second SIGTERM (systemd signals
+    every process of the unit, a supervisor passes it on too) arriving while the interpreter
+    shuts down would otherwise meet the default action, which Python restores for signals it
+    handled, and turn a clean exit into death by signal.
+    """
+    try:
+        return _serve(config_path)
+    finally:
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _serve(config_path: Path) -> int:
+    """The daemon's life, with its signal handlers.
+
     The handlers go in before anything slow (config, store, key material): a SIGTERM that
     arrives while the daemon is still building itself, as when a supervisor stops a worker it
-    has just started, must end it cleanly with 0, not kill it with the default action.
+    has just started, must end it cleanly with 0, not kill it with the default action. The
+    handlers only set flags (see ``signals``); this thread does the work.
     """
-    stopping = threading.Event()
-    reload_asked = threading.Event()
-    built: list[Daemon] = []
+    os.umask(0o077)
+    logs.configure()
+    stopping = SignalFlag()
+    reload_asked = SignalFlag()
 
     def on_term(signum: int, _frame: FrameType | None) -> None:
         log.info("signal received; draining", extra={"signal": signal.Signals(signum).name})
         stopping.set()
 
     def on_hup(_signum: int, _frame: FrameType | None) -> None:
-        if not built:  # still starting: reload once the daemon exists, with the files as they are then
-            reload_asked.set()
-            return
-        threading.Thread(target=built[0].reload, name="reload").start()
+        reload_asked.set()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
     # A worker's supervisor starts it with these blocked, so that none is lost or fatal before now.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, workers.HANDLED_SIGNALS)
-    os.umask(0o077)
-    logs.configure()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     hardening = hygiene.apply()
     log.info(
         "process hardened",
@@ -313,7 +330,9 @@ def serve(config_path: Path) -> int:
         config = load_config(config_path)
         index = workers.worker_index()
         if config.server.workers > 1 and index is None:
-            return workers.supervise(config_path, config.server.workers, stopping)
+            return workers.supervise(config_path, config.server.workers, config.server.grace_seconds, stopping)
+        if stopping.is_set():
+            return 0
         if index is not None:
             config = for_worker(config, index)
             if config.server.pin_workers:
@@ -322,11 +341,15 @@ def serve(config_path: Path) -> int:
     except (ConfigError, StoreError) as exc:
         log.error("cannot start", extra={"reason": str(exc)})
         raise ConfigError(str(exc)) from None
-    built.append(daemon)
-    if reload_asked.is_set():
-        daemon.reload()
     if not stopping.is_set():
+        # A SIGHUP during the build may have come after the files were read: read them again.
+        if reload_asked.is_set():
+            reload_asked.clear()
+            daemon.reload()
         daemon.start()
-        stopping.wait()
+        while not stopping.wait(0.1):  # a reload asked meanwhile starts within 0.1 s
+            if reload_asked.is_set():
+                reload_asked.clear()
+                threading.Thread(target=daemon.reload, name="reload").start()
     daemon.stop()
     return 0

@@ -18,16 +18,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from types import FrameType
 
+from faceseal.server.signals import HANDLED_SIGNALS, SignalFlag
+
 log = logging.getLogger("faceseal.workers")
 
 WORKER_ENV = "FACESEAL_WORKER"
-# Stop (TERM, INT) and reload (HUP): what the supervisor passes on and a worker handles.
-HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 def worker_index() -> int | None:
@@ -53,13 +52,13 @@ def pin(index: int) -> int:
     return cpu
 
 
-def supervise(config_path: Path, workers: int, stopping: threading.Event) -> int:
+def supervise(config_path: Path, workers: int, grace_seconds: float, stopping: SignalFlag) -> int:
     """Run ``workers`` copies of ``faceseald serve`` until SIGTERM/SIGINT; returns the exit code.
 
     ``stopping`` is set by the caller's handler if a stop signal came before this took over.
-    The exit code is 0 when every worker ended cleanly: with 0, or killed by the very stop signal
-    (systemd signals every process of the unit, not only this one; a worker without its handler
-    yet has nothing in flight).
+    After a stop each worker gets its drain (``grace_seconds``) and some slack before it is
+    killed. The exit code is 0 only when every worker exited with 0: a worker starts with the
+    stop signals blocked until its handlers are in, so one killed by a signal is an error.
     """
     procs: dict[int, subprocess.Popen[bytes]] = {}
     stop_signal = [signal.SIGTERM]
@@ -68,7 +67,9 @@ def supervise(config_path: Path, workers: int, stopping: threading.Event) -> int
         env = {**os.environ, WORKER_ENV: str(index)}
         # The worker starts with these signals blocked (the mask survives fork and exec) and
         # unblocks them once its handlers are in: one passed on while it is still importing
-        # waits for its handler instead of ending it by the default action.
+        # waits for its handler instead of ending it by the default action. (Blocked here in
+        # the main thread only: one that reaches the supervisor meanwhile is handled by another
+        # thread or after the fork, and the resend after the loop covers a worker it missed.)
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             procs[index] = subprocess.Popen(  # our own entry point, fixed arguments
@@ -107,7 +108,9 @@ def supervise(config_path: Path, workers: int, stopping: threading.Event) -> int
         stopping.wait(0.5)
     # Once more: a worker spawned while the signal was being handled never saw it.
     send_all(stop_signal[0])
-    deadline = time.monotonic() + 60
+    # Daemon.stop waits up to grace + 10 s for the last calls; 5 s more for closing the store.
+    patience = grace_seconds + 15
+    deadline = time.monotonic() + patience
     clean = True
     for index, proc in procs.items():
         try:
@@ -115,10 +118,10 @@ def supervise(config_path: Path, workers: int, stopping: threading.Event) -> int
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            log.error("worker did not stop within 60 s; killed", extra={"worker": index})
+            log.error("worker did not stop in time; killed", extra={"worker": index, "seconds": patience})
             clean = False
             continue
-        if code not in (0, -stop_signal[0]):
+        if code != 0:
             log.error("worker stopped with an error", extra={"worker": index, "exit_code": code})
             clean = False
     return 0 if clean else 1

@@ -3,8 +3,13 @@ connections, and a broken policy on SIGHUP is refused while the old one stays in
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import signal
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -45,28 +50,66 @@ def test_sigterm_exits_0_and_the_port_closes(subprocess_daemon: SubprocessDaemon
         assert gateway.match("alice", ALICE).match is True
 
 
-def _launch_and_wait_for_hardening(subprocess_daemon: SubprocessDaemon) -> None:
-    """Start the daemon and return once it runs Python of its own, well before it serves."""
+@contextlib.contextmanager
+def _held_while_building(subprocess_daemon: SubprocessDaemon) -> Iterator[None]:
+    """Start the daemon with its policy file replaced by a FIFO, so that building the daemon
+    blocks on reading it; a signal sent inside the block lands before the daemon serves.
+
+    On leaving, the policy is written into the FIFO (and a regular file takes the FIFO's place
+    first, for any later read). A daemon that stopped before it opened the FIFO is fine too:
+    either way the signal came during start-up.
+    """
+    dev = subprocess_daemon.dev
+    policy = dev.config_path.parent / dev.config()["server"]["policy"]
+    text = policy.read_bytes()
+    fifo = policy.with_name("policy-fifo.toml")
+    os.mkfifo(fifo, 0o600)
+    dev.set_server(policy=str(fifo))
     subprocess_daemon.launch()
     poll("the daemon's first log line", lambda: '"msg":"process hardened"' in subprocess_daemon.log() or None)
+    yield
+
+    def reader_waiting() -> int | bool | None:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: nobody has it open for reading yet
+                raise
+        assert subprocess_daemon.proc is not None
+        return True if subprocess_daemon.proc.poll() is not None else None
+
+    writer = poll("the daemon to read its policy, or to exit", reader_waiting)
+    if writer is True:
+        return
+    assert isinstance(writer, int)
+    regular = fifo.with_suffix(".new")
+    regular.write_bytes(text)
+    os.replace(regular, fifo)
+    with os.fdopen(writer, "wb") as w:
+        w.write(text)
 
 
 def test_sigterm_while_starting_exits_0(subprocess_daemon: SubprocessDaemon) -> None:
     """A stop during start-up (store, keys, TLS still loading) is a clean stop, not a kill."""
-    _launch_and_wait_for_hardening(subprocess_daemon)
-    code = subprocess_daemon.stop()
-    assert code == 0, f"exit code {code}; the log:\n{subprocess_daemon.log()}"
-    assert '"msg":"stopped"' in subprocess_daemon.log()
+    with _held_while_building(subprocess_daemon):
+        subprocess_daemon.send(signal.SIGTERM)
+    code = subprocess_daemon.wait(timeout=15)
+    log = subprocess_daemon.log()
+    assert code == 0, f"exit code {code}; the log:\n{log}"
+    assert '"msg":"signal received; draining"' in log
+    assert '"msg":"listening"' not in log  # it stopped without ever serving
 
 
 def test_sighup_while_starting_is_applied_once_started_not_fatal(subprocess_daemon: SubprocessDaemon) -> None:
     """SIGHUP's default action ends a process; one sent during start-up (a reload hook firing
     early) must not take the daemon down, and is carried out once the daemon exists."""
-    _launch_and_wait_for_hardening(subprocess_daemon)
-    subprocess_daemon.send(signal.SIGHUP)
+    with _held_while_building(subprocess_daemon):
+        subprocess_daemon.send(signal.SIGHUP)
     dev, target = subprocess_daemon.dev, subprocess_daemon.target
     poll("the daemon to serve", lambda: health(dev, target, timeout=1.0) == "SERVING" or None)
-    assert '"msg":"policy and certificates reloaded"' in subprocess_daemon.log()
+    log = subprocess_daemon.log()
+    # The reload runs before the daemon listens: the files may have changed during the build.
+    assert log.index('"msg":"policy and certificates reloaded"') < log.index('"msg":"listening"')
     assert subprocess_daemon.stop() == 0
 
 
