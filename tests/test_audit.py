@@ -148,6 +148,39 @@ def test_chain_continues_across_rotated_segments(dev: Dev, harness: InProcessDae
     assert f"{parts[1]}:1:" in result.stdout
 
 
+def test_a_segment_that_cannot_be_opened_refuses_calls_until_it_can(dev: Dev, harness: InProcessDaemon) -> None:
+    """Rotation onto a segment that cannot be created (here a directory stands in its way, as a
+    full or read-only disk would) refuses the call; once the way is clear the log goes on, and
+    the chain is whole."""
+    dev.edit_config(lambda c: c.setdefault("audit", {}).update(dir="data/audit", max_bytes=4096))
+    audit = dev.data_dir / "audit"
+    enc = random_encodings(1, seed=7)[0]
+    harness.start()
+    with harness.client("enroller") as enroller, harness.client("gateway") as gateway:
+        enroller.enroll("subject-okapi-5678", enc)
+        blocker = audit / f"audit-{len(segments(audit)) + 1:08d}.jsonl"
+        blocker.mkdir()
+
+        def refusal() -> grpc.StatusCode | None:
+            try:
+                gateway.match("subject-okapi-5678", enc)
+            except FaceSealClientError as err:
+                return err.code
+            return None
+
+        # Answered until the first segment is full, then refused: the next one cannot be made.
+        codes = [refusal() for _ in range(40)]
+        assert codes[0] is None
+        assert codes[-1] is grpc.StatusCode.UNAVAILABLE, codes
+        assert rpc_code(lambda: gateway.match("subject-okapi-5678", enc)) is grpc.StatusCode.UNAVAILABLE
+        blocker.rmdir()
+        assert gateway.match("subject-okapi-5678", enc).match
+    harness.stop()
+    result = verify(dev)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(segments(audit)) == 2
+
+
 def test_restart_continues_the_chain_and_cuts_a_torn_tail(daemon: InProcessDaemon, dev: Dev) -> None:
     mixed_run(daemon)
     daemon.stop()

@@ -229,11 +229,17 @@ class AuditLog:
             self._torn = False
 
     def _rotate(self) -> None:
-        os.fsync(self._fd)
+        # The new segment is opened before the old one is closed: if the open fails, this log
+        # still holds a valid descriptor (never a closed number the process may reuse).
+        fd = self._open(self._number + 1)
+        try:
+            os.fsync(self._fd)
+        except OSError:
+            os.close(fd)
+            raise
         os.close(self._fd)
-        self._number += 1
-        self._fd = self._open(self._number)
-        self._size = os.fstat(self._fd).st_size
+        self._number, self._fd = self._number + 1, fd
+        self._size = os.fstat(fd).st_size
 
     def close(self) -> None:
         with self._lock:
