@@ -310,8 +310,7 @@ def _serve(config_path: Path) -> int:
     reload_asked = SignalFlag()
 
     def on_term(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal received; draining", extra={"signal": signal.Signals(signum).name})
-        stopping.set()
+        stopping.set(signum)  # logged by this thread once it notices: a handler must not log
 
     def on_hup(_signum: int, _frame: FrameType | None) -> None:
         reload_asked.set()
@@ -332,6 +331,7 @@ def _serve(config_path: Path) -> int:
         if config.server.workers > 1 and index is None:
             return workers.supervise(config_path, config.server.workers, config.server.grace_seconds, stopping)
         if stopping.is_set():
+            log.info("signal received before the daemon was built; stopping", extra={"signal": stopping.name()})
             return 0
         if index is not None:
             config = for_worker(config, index)
@@ -341,15 +341,16 @@ def _serve(config_path: Path) -> int:
     except (ConfigError, StoreError) as exc:
         log.error("cannot start", extra={"reason": str(exc)})
         raise ConfigError(str(exc)) from None
+    # A SIGHUP during the build may have come after the files were read: read them again.
+    if reload_asked.is_set() and not stopping.is_set():
+        reload_asked.clear()
+        daemon.reload()
     if not stopping.is_set():
-        # A SIGHUP during the build may have come after the files were read: read them again.
-        if reload_asked.is_set():
-            reload_asked.clear()
-            daemon.reload()
         daemon.start()
         while not stopping.wait(0.1):  # a reload asked meanwhile starts within 0.1 s
             if reload_asked.is_set():
                 reload_asked.clear()
                 threading.Thread(target=daemon.reload, name="reload").start()
+    log.info("signal received; draining", extra={"signal": stopping.name()})
     daemon.stop()
     return 0

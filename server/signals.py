@@ -1,4 +1,4 @@
-"""What a signal handler may touch: a flag the main thread polls, never a lock.
+"""What a signal handler may touch: a flag the main thread polls, never a lock (not even logging's).
 
 Python runs signal handlers in the main thread, between two bytecodes of whatever it was doing.
 ``threading.Event.set`` takes the Event's condition lock, which is not reentrant, and the main
@@ -25,9 +25,15 @@ class SignalFlag:
 
     def __init__(self) -> None:
         self._set = False
+        self.signum = 0  # the last signal that set it, for the main thread to log
 
-    def set(self) -> None:
+    def set(self, signum: int = 0) -> None:
+        self.signum = signum
         self._set = True
+
+    def name(self) -> str:
+        """The setting signal's name (SIGTERM ...), for a log line written outside the handler."""
+        return signal.Signals(self.signum).name if self.signum else "none"
 
     def clear(self) -> None:
         self._set = False

@@ -87,7 +87,7 @@ def supervise(config_path: Path, workers: int, grace_seconds: float, stopping: S
     def forward(signum: int, _frame: FrameType | None) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             stop_signal[0] = signal.Signals(signum)
-            stopping.set()
+            stopping.set(signum)
         send_all(signum)
 
     for sig in HANDLED_SIGNALS:
@@ -106,10 +106,12 @@ def supervise(config_path: Path, workers: int, grace_seconds: float, stopping: S
                 if not stopping.is_set():
                     spawn(index)
         stopping.wait(0.5)
+    log.info("signal received; stopping the workers", extra={"signal": stop_signal[0].name})
     # Once more: a worker spawned while the signal was being handled never saw it.
     send_all(stop_signal[0])
-    # Daemon.stop waits up to grace + 10 s for the last calls; 5 s more for closing the store.
-    patience = grace_seconds + 15
+    # Daemon.stop waits up to 10 s for its follower (a store that is down), up to grace + 10 s
+    # for the last calls, then closes the store: grace + 30 s leaves it room.
+    patience = grace_seconds + 30
     deadline = time.monotonic() + patience
     clean = True
     for index, proc in procs.items():

@@ -51,12 +51,12 @@ def test_sigterm_exits_0_and_the_port_closes(subprocess_daemon: SubprocessDaemon
 
 @contextlib.contextmanager
 def _held_while_building(subprocess_daemon: SubprocessDaemon) -> Iterator[None]:
-    """Start the daemon with its policy file replaced by a FIFO, so that building the daemon
-    blocks on reading it; a signal sent inside the block lands before the daemon serves.
+    """Start the daemon with its policy file replaced by a FIFO and hold it there: inside the
+    block the daemon is building itself, blocked reading its policy, so a signal sent there
+    lands mid-build every time.
 
-    On leaving, the policy is written into the FIFO (and a regular file takes the FIFO's place
-    first, for any later read). A daemon that stopped before it opened the FIFO is fine too:
-    either way the signal came during start-up.
+    On leaving, a regular file takes the FIFO's place (for any later read, e.g. a reload) and
+    the policy is written into the FIFO, which lets the build go on.
     """
     dev = subprocess_daemon.dev
     policy = dev.config_path.parent / dev.config()["server"]["policy"]
@@ -65,27 +65,27 @@ def _held_while_building(subprocess_daemon: SubprocessDaemon) -> Iterator[None]:
     os.mkfifo(fifo, 0o600)
     dev.set_server(policy=str(fifo))
     subprocess_daemon.launch()
-    poll("the daemon's first log line", lambda: '"msg":"process hardened"' in subprocess_daemon.log() or None)
-    yield
 
-    def reader_waiting() -> int | bool | None:
+    def reader_waiting() -> int | None:
+        assert subprocess_daemon.proc is not None
+        assert subprocess_daemon.proc.poll() is None, f"faceseald exited:\n{subprocess_daemon.log()}"
         try:
             return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
         except OSError as exc:
             if exc.errno != errno.ENXIO:  # ENXIO: nobody has it open for reading yet
                 raise
-        assert subprocess_daemon.proc is not None
-        return True if subprocess_daemon.proc.poll() is not None else None
+            return None
 
-    writer = poll("the daemon to read its policy, or to exit", reader_waiting)
-    if writer is True:
-        return
-    assert isinstance(writer, int)
-    regular = fifo.with_suffix(".new")
-    regular.write_bytes(text)
-    os.replace(regular, fifo)
-    with os.fdopen(writer, "wb") as w:
-        w.write(text)
+    writer = poll("the daemon to open its policy", reader_waiting)
+    os.set_blocking(writer, True)
+    try:
+        yield
+    finally:
+        regular = fifo.with_suffix(".new")
+        regular.write_bytes(text)
+        os.replace(regular, fifo)
+        with os.fdopen(writer, "wb") as w:
+            w.write(text)
 
 
 def test_sigterm_while_starting_exits_0(subprocess_daemon: SubprocessDaemon) -> None:
