@@ -841,7 +841,7 @@ KNOWN = {("faces", f"known-{i}"): [float(v) for v in FACES[i]] for i in range(le
 }
 KNOWN_SUBJECTS = sorted({s for _, s in KNOWN})
 ZERO = [0.0] * DIM  # refused: an all-zero vector has no direction
-FACE0, FACE1 = KNOWN["faces", "known-0"], KNOWN["faces", "known-1"]
+FACE0, FACE1, FACE2 = (KNOWN["faces", f"known-{i}"] for i in range(3))
 OVERSIZED = [0.5] * 300_000  # 1.2 MB: over the daemon's 1 MiB message limit
 
 
@@ -1072,6 +1072,10 @@ def test_daemon_fuzz_guard_on(harness: InProcessDaemon) -> None:
 
     @_settings(120, deadline=None)
     @given(call=calls())
+    # Two impostor probes on one subject: whichever runs first is answered (a non-match, OK) and
+    # with subject_failures = 1 the other is locked out, however fast or slow the machine is.
+    @example(call=Call("Match", "gateway", pb.MatchRequest(subject_id="known-0", probe=FACE1), FACE1))
+    @example(call=Call("Match", "gateway", pb.MatchRequest(subject_id="known-0", probe=FACE2), FACE2))
     def run(call: Call) -> None:
         outcomes[_check_call(target, call, DOCUMENTED, guard_on=True).name] += 1
 
