@@ -61,7 +61,6 @@ def supervise(config_path: Path, workers: int, grace_seconds: float, stopping: S
     stop signals blocked until its handlers are in, so one killed by a signal is an error.
     """
     procs: dict[int, subprocess.Popen[bytes]] = {}
-    stop_signal = [signal.SIGTERM]
 
     def spawn(index: int) -> None:
         env = {**os.environ, WORKER_ENV: str(index)}
@@ -86,7 +85,6 @@ def supervise(config_path: Path, workers: int, grace_seconds: float, stopping: S
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
-            stop_signal[0] = signal.Signals(signum)
             stopping.set(signum)
         send_all(signum)
 
@@ -106,9 +104,9 @@ def supervise(config_path: Path, workers: int, grace_seconds: float, stopping: S
                 if not stopping.is_set():
                     spawn(index)
         stopping.wait(0.5)
-    log.info("signal received; stopping the workers", extra={"signal": stop_signal[0].name})
+    log.info("signal received; stopping the workers", extra={"signal": stopping.name()})
     # Once more: a worker spawned while the signal was being handled never saw it.
-    send_all(stop_signal[0])
+    send_all(stopping.signum or signal.SIGTERM)
     # Daemon.stop waits up to 10 s for its follower (a store that is down), up to grace + 10 s
     # for the last calls, then closes the store: grace + 30 s leaves it room.
     patience = grace_seconds + 30

@@ -77,8 +77,7 @@ def test_two_workers_share_the_port_and_each_others_writes(subprocess_daemon: Su
 
 def stopped_cleanly(daemon: SubprocessDaemon) -> None:
     """SIGTERM the supervisor; it must exit 0 (every worker drained), else show why."""
-    daemon.send(signal.SIGTERM)
-    code = daemon.wait(timeout=30)
+    code = daemon.stop(timeout=30)
     assert code == 0, f"exit code {code}; the log:\n{daemon.log()}"
 
 
